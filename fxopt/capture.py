@@ -1,0 +1,379 @@
+"""Capture: a PyTorch model → a plain ``torch.fx.GraphModule`` (the IR contract of ``fxopt.ir``).
+
+Built on ``torch.export`` (non-strict) with symbolic batch and sequence dimensions, then unlifted,
+so that weights are ``get_attr`` nodes named by their original parameter names. ``aten.linear``
+and ``aten.scaled_dot_product_attention`` stay whole: no decompositions are run.
+
+Example::
+
+    >>> gm = fxopt.capture(model, (torch.randn(4, 16),))
+    >>> gm(torch.randn(9, 16))          # flat inputs, flat outputs (a tuple)
+    >>> info = gm.meta["fxopt"]        # how the model's own call maps onto the graph
+    >>> info.signature.call(gm, torch.randn(9, 16))   # the model's own output structure
+
+A causal LM from transformers is captured *stateless*: ``input_ids`` and explicit
+``position_ids`` in, logits out, ``use_cache=False``. The KV cache is the compiler's business
+(``fxopt.passes.kv_cache``), which keeps every pass model-agnostic.
+"""
+from __future__ import annotations
+
+import inspect
+import linecache
+import os
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+
+from .errors import CaptureError, InputError
+from .ir import static_dim
+
+# ---------------------------------------------------------------------------------------------
+# The signature: the model's own call ↔ the graph's flat inputs and outputs
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Signature:
+    """Maps a call of the original model onto the graph's flat inputs, and its outputs back.
+
+    ``input_names`` are the forward parameters that were captured, in graph order; ``constants``
+    the non-tensor ones fixed at capture (``use_cache=False``); ``fillers`` compute inputs the user
+    may leave out (a causal LM's ``position_ids``).
+    """
+
+    forward: inspect.Signature
+    input_names: list[str]
+    in_spec: pytree.TreeSpec
+    out_spec: pytree.TreeSpec
+    placeholders: list[tuple[str, Any]]  # (name, example value) of each flat input, in order
+    constants: dict[str, Any] = field(default_factory=dict)
+    fillers: dict[str, Callable[[dict], Any]] = field(default_factory=dict)
+    model_name: str = "model"
+
+    def bind(self, args: tuple, kwargs: dict) -> dict:
+        """The user's arguments as ``{captured input name: value}``, with fillers and constants applied."""
+        try:
+            bound = self.forward.bind(*args, **kwargs)
+        except TypeError as e:
+            raise InputError(f"{self.model_name}{self.forward}: {e}") from None
+        given = {}
+        for name, value in bound.arguments.items():
+            kind = self.forward.parameters[name].kind
+            if kind is inspect.Parameter.VAR_KEYWORD:
+                given.update(value)
+            elif kind is inspect.Parameter.VAR_POSITIONAL:
+                if value:
+                    raise InputError(f"{self.model_name}: positional *{name} arguments were not captured")
+            else:
+                given[name] = value
+        out = {}
+        for name in self.input_names:
+            if name in self.constants:
+                if name in given and given[name] is not None and given[name] != self.constants[name]:
+                    raise InputError(
+                        f"{self.model_name}: '{name}' was captured as {self.constants[name]!r} and cannot be "
+                        f"{given[name]!r} at call time; capture again with that value")
+                out[name] = self.constants[name]
+            elif given.get(name) is not None:
+                out[name] = given[name]
+            elif name in self.fillers:
+                out[name] = self.fillers[name](out | {k: v for k, v in given.items() if v is not None})
+            else:
+                raise InputError(f"{self.model_name}: missing input '{name}' (the graph was captured with it)")
+        extra = [k for k, v in given.items() if k not in out and v is not None and not _is_default(self.forward, k, v)]
+        if extra:
+            raise InputError(
+                f"{self.model_name}: argument(s) {', '.join(extra)} were not part of the capture "
+                f"(captured inputs: {', '.join(self.input_names)}); capture with them in example_inputs")
+        return out
+
+    def flatten(self, args: tuple, kwargs: dict) -> list:
+        """Flat graph inputs for a call of the original model, checked against the captured ones."""
+        bound = self.bind(args, kwargs)
+        leaves, spec = pytree.tree_flatten(((), bound))
+        if spec != self.in_spec:
+            captured = self.in_spec.children_specs[1].children_specs
+            for (name, value), want in zip(bound.items(), captured):
+                got = pytree.tree_structure(value)
+                if got != want:
+                    raise InputError(f"{self.model_name}: input '{name}' must be {_describe_spec(want)}, "
+                                     f"got {_describe_spec(got)} ({type(value).__name__})")
+            raise InputError(f"{self.model_name}: inputs have structure {spec}, captured: {self.in_spec}")
+        for leaf, (name, example) in zip(leaves, self.placeholders):
+            check_input(name, leaf, example)
+        return leaves
+
+    def unflatten(self, outputs) -> Any:
+        return pytree.tree_unflatten(list(outputs), self.out_spec)
+
+    def call(self, gm: fx.GraphModule, *args, **kwargs):
+        """Call ``gm`` the way the original model is called, returning the model's own output type."""
+        return self.unflatten(gm(*self.flatten(args, kwargs)))
+
+
+def _describe_spec(spec: pytree.TreeSpec) -> str:
+    if spec.is_leaf():
+        return "a tensor or scalar"
+    return f"a {spec.type.__name__} of {spec.num_leaves} leaves"
+
+
+def _is_default(sig: inspect.Signature, name: str, value) -> bool:
+    p = sig.parameters.get(name)
+    if p is None or p.default is inspect.Parameter.empty:
+        return False
+    try:
+        return bool(value == p.default)
+    except Exception:  # noqa: BLE001 - tensors and odd types are never "the default"
+        return False
+
+
+def check_input(name: str, value, example) -> None:
+    """Raise :class:`InputError` when ``value`` cannot feed a placeholder captured from ``example``."""
+    if not isinstance(example, torch.Tensor):
+        return
+    if not isinstance(value, torch.Tensor):
+        raise InputError(f"input '{name}' must be a tensor, got {type(value).__name__}")
+    if value.dtype != example.dtype:
+        raise InputError(f"input '{name}' has dtype {value.dtype}, the graph was captured with {example.dtype}")
+    if value.dim() != example.dim():
+        raise InputError(f"input '{name}' has {value.dim()} dims {list(value.shape)}, "
+                         f"the graph was captured with {example.dim()}: {list(example.shape)}")
+    for i, (got, want) in enumerate(zip(value.shape, example.shape)):
+        want = static_dim(want)
+        if want is not None and got != want:
+            raise InputError(f"input '{name}' has size {got} in dim {i}; the graph was captured with the "
+                             f"static size {want} there (shape {_fmt_shape(example.shape)})")
+        if got == 0:
+            raise InputError(f"input '{name}' is empty in dim {i} (shape {list(value.shape)})")
+
+
+def _fmt_shape(shape) -> str:
+    return "[" + ", ".join(str(static_dim(s) or s) for s in shape) + "]"
+
+
+# ---------------------------------------------------------------------------------------------
+# What capture records
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CaptureInfo:
+    """Facts about the captured model that passes and the runtime read (``gm.meta['fxopt']``)."""
+
+    signature: Signature
+    model_class: str
+    kind: str  # "causal_lm" or "module"
+    config: Any = None  # the transformers config, when there is one
+    generation: dict = field(default_factory=dict)  # eos/pad token ids of a causal LM
+    example_inputs: dict = field(default_factory=dict)  # name → example value, as captured
+    state: dict = field(default_factory=dict)  # written by passes (e.g. the KV cache layout)
+
+
+# ---------------------------------------------------------------------------------------------
+# capture()
+# ---------------------------------------------------------------------------------------------
+
+
+def capture(model: torch.nn.Module, example_inputs: tuple | dict | None = None, *,
+            dynamic: bool = True, dynamic_shapes=None) -> fx.GraphModule:
+    """Capture ``model`` into a GraphModule that follows the IR contract (see module docstring).
+
+    ``example_inputs`` is a tuple of positional arguments or a dict of keyword arguments of
+    ``model.forward``. For transformers models it may be left out: a causal LM gets
+    ``input_ids`` and ``position_ids`` of shape [2, 7], other models ``input_ids``.
+    With ``dynamic=True`` every dimension that the model lets vary (batch, sequence) stays
+    symbolic, so one graph serves every batch size and length; ``dynamic_shapes`` overrides that
+    with torch.export's own spec.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise CaptureError(f"fxopt.capture needs a torch.nn.Module, got {type(model).__name__}")
+    model_name = type(model).__name__
+    kind = "causal_lm" if is_causal_lm(model) else "module"
+    forward = inspect.signature(model.forward)
+
+    if example_inputs is None:
+        example_inputs = default_example_inputs(model)
+    kwargs = _as_kwargs(model_name, forward, example_inputs)
+    constants = {}
+    if kind == "causal_lm":
+        if "use_cache" in forward.parameters:
+            kwargs["use_cache"] = constants["use_cache"] = False
+        if "position_ids" in forward.parameters and "position_ids" not in kwargs and "input_ids" in kwargs:
+            kwargs["position_ids"] = default_position_ids(kwargs)
+    for name, value in kwargs.items():
+        if not isinstance(value, torch.Tensor) and not isinstance(value, (list, tuple, dict)):
+            constants.setdefault(name, value)
+    _check_example_leaves(model_name, kwargs)
+
+    if dynamic_shapes is None:
+        dynamic_shapes = {k: _auto_dims(v) if dynamic else None for k, v in kwargs.items()}
+    try:
+        with torch.no_grad():
+            ep = torch.export.export(model, (), kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+    except Exception as e:  # noqa: BLE001 - every failure becomes an error that says where and what to do
+        raise CaptureError(_explain_failure(model_name, e)) from e
+
+    gm = _unlift(ep)
+    placeholders = [(n.name, n.meta.get("val")) for n in gm.graph.find_nodes(op="placeholder")]
+    signature = Signature(
+        forward=forward, input_names=list(kwargs), in_spec=ep.call_spec.in_spec, out_spec=ep.call_spec.out_spec,
+        placeholders=placeholders, constants=constants, model_name=model_name)
+    if kind == "causal_lm" and "position_ids" in kwargs:
+        signature.fillers["position_ids"] = default_position_ids
+    gm.meta["fxopt"] = CaptureInfo(
+        signature=signature, model_class=model_name, kind=kind, config=getattr(model, "config", None),
+        generation=_generation_ids(model), example_inputs=kwargs)
+    return gm
+
+
+def _unlift(ep: torch.export.ExportedProgram) -> fx.GraphModule:
+    """ExportedProgram → GraphModule with get_attr weights, flat inputs/outputs, no runtime guards."""
+    gm = ep.module()
+    gm._forward_pre_hooks.clear()  # export's input-constraint check: fxopt checks inputs itself
+    graph = gm.graph
+    for node in list(graph.find_nodes(op="call_module")):
+        if node.target == "_guards_fn" and not node.users:  # shape guards: fxopt checks inputs itself
+            graph.erase_node(node)
+            delattr(gm, node.target)
+    graph._codegen = fx.graph.CodeGen()  # flat in, flat (tuple) out; the Signature restructures
+    output = graph.output_node()
+    leaves = output.args[0]
+    output.args = (tuple(leaves) if isinstance(leaves, (list, tuple)) else (leaves,),)
+    for node in graph.find_nodes(op="get_attr"):
+        node.meta["param"] = node.target  # the original parameter name, for dumps and checkpoints
+    graph.eliminate_dead_code()
+    gm.recompile()
+    return gm
+
+
+def is_causal_lm(model) -> bool:
+    try:
+        from transformers import GenerationMixin
+    except ImportError:
+        return False
+    config = getattr(model, "config", None)
+    return isinstance(model, GenerationMixin) and not getattr(config, "is_encoder_decoder", False)
+
+
+def default_example_inputs(model) -> dict:
+    """Example inputs for a transformers model: random token ids of shape [2, 7]."""
+    config = getattr(model, "config", None)
+    vocab = getattr(config, "vocab_size", None)
+    if vocab is None:
+        raise CaptureError(
+            f"{type(model).__name__}: pass example_inputs to capture it (only transformers models with a "
+            "config.vocab_size get default example inputs)")
+    gen = torch.Generator().manual_seed(0)
+    return {"input_ids": torch.randint(0, vocab, (2, 7), generator=gen)}
+
+
+def default_position_ids(inputs: dict) -> torch.Tensor:
+    """Positions 0..S-1 for every row: what a transformers LM uses when it is given none."""
+    ids = inputs["input_ids"]
+    return torch.arange(ids.shape[1], device=ids.device).unsqueeze(0).expand(ids.shape[0], -1)
+
+
+def _generation_ids(model) -> dict:
+    gen = getattr(model, "generation_config", None)
+    cfg = getattr(model, "config", None)
+    ids = {}
+    for key in ("eos_token_id", "pad_token_id", "bos_token_id"):
+        value = getattr(gen, key, None)
+        if value is None:
+            value = getattr(cfg, key, None)
+        ids[key] = value
+    return ids
+
+
+def _as_kwargs(model_name: str, forward: inspect.Signature, example_inputs) -> dict:
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    if isinstance(example_inputs, dict):
+        args, kwargs = (), dict(example_inputs)
+    elif isinstance(example_inputs, (tuple, list)):
+        args, kwargs = tuple(example_inputs), {}
+    else:
+        raise CaptureError(
+            f"{model_name}: example_inputs must be a tuple of positional arguments or a dict of keyword "
+            f"arguments of forward{forward}, got {type(example_inputs).__name__}")
+    try:
+        bound = forward.bind(*args, **kwargs)
+    except TypeError as e:
+        raise CaptureError(f"{model_name}: example_inputs do not fit forward{forward}: {e}") from None
+    out = {}
+    for name, value in bound.arguments.items():
+        kind = forward.parameters[name].kind
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            out.update(value)
+        elif kind is inspect.Parameter.VAR_POSITIONAL:
+            if value:
+                raise CaptureError(f"{model_name}: forward(*{name}) cannot be captured; give named inputs")
+        else:
+            out[name] = value
+    return out
+
+
+def _check_example_leaves(model_name: str, kwargs: dict) -> None:
+    for path, leaf in pytree.tree_flatten_with_path(kwargs)[0]:
+        if not (leaf is None or isinstance(leaf, (torch.Tensor, bool, int, float, str))):
+            raise CaptureError(
+                f"{model_name}: example input {pytree.keystr(path)} is a {type(leaf).__name__}; "
+                "inputs must be tensors, nested lists/tuples/dicts of tensors, or Python scalars")
+
+
+def _auto_dims(value):
+    """Every dim of every tensor AUTO: dynamic where the model allows it, static where it doesn't."""
+    if isinstance(value, torch.Tensor):
+        return {i: torch.export.Dim.AUTO for i in range(value.dim())} if value.dim() else None
+    if isinstance(value, (list, tuple)):
+        return type(value)(_auto_dims(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _auto_dims(v) for k, v in value.items()}
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Failures that say where and what to do
+# ---------------------------------------------------------------------------------------------
+
+_HINTS = [
+    (("data-dependent", "GuardOnDataDependent", "Could not guard on data-dependent", "item()", "DataDependent"),
+     "control flow or a shape depends on tensor values (`if x.sum() > 0`, `.item()`, `.tolist()`, "
+     "boolean-mask indexing). Rewrite it with torch.where / torch.cond, or compute it outside forward."),
+    (("Constraints violated", "specialized", "marked as dynamic"),
+     "a dimension fxopt keeps symbolic is fixed by the model. Pass dynamic=False, or give torch.export "
+     "dynamic_shapes= yourself."),
+    (("mat1 and mat2", "size mismatch", "shape", "must match", "expected", "Expected"),
+     "the example inputs do not fit the model (check their shapes and dtypes against forward)."),
+]
+
+
+def _explain_failure(model_name: str, error: Exception) -> str:
+    message = str(error).strip() or type(error).__name__
+    first = message.splitlines()[0][:300]
+    hint = next((h for keys, h in _HINTS if any(k in message for k in keys)),
+                "an operation torch.export cannot trace; see the line above, and the error below "
+                "(torch.export.export(model, args, strict=False) reproduces it).")
+    where = _user_frame(error)
+    lines = [f"could not capture {model_name}: {type(error).__name__}: {first}"]
+    if where:
+        lines.append(f"  stopped at {where}")
+    lines.append(f"  what to do: {hint}")
+    return "\n".join(lines)
+
+
+def _user_frame(error: BaseException) -> str | None:
+    """The innermost frame of the model's own code in the failure (not torch, not fxopt)."""
+    skip = (os.path.dirname(torch.__file__), os.path.dirname(__file__), os.path.dirname(inspect.__file__))
+    best = None
+    for frame in traceback.extract_tb(error.__traceback__):
+        if not frame.filename.startswith(skip) and not frame.filename.startswith("<"):
+            best = frame
+    if best is None:
+        return None
+    line = (best.line or linecache.getline(best.filename, best.lineno)).strip()
+    return f"{best.filename}:{best.lineno} in {best.name}: `{line}`"

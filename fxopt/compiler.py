@@ -1,0 +1,56 @@
+"""``fxopt.compile``: capture, run the pass pipeline, return a drop-in module.
+
+Example::
+
+    >>> compiled = fxopt.compile(model, passes=["canonicalize", "dce"], verify=True, dump_dir="dumps")
+    >>> compiled(input_ids).logits            # called exactly like the model
+    >>> print(compiled.report())              # what each pass did
+"""
+from __future__ import annotations
+
+import torch
+import torch.utils._pytree as pytree
+
+from .capture import capture, is_causal_lm
+from .passes import CompileContext, PassManager
+from .runtime.compiled import CompiledModel
+
+DEFAULT_PASSES = ["canonicalize", "dce"]
+DEFAULT_LM_PASSES = ["canonicalize", "kv_cache", "dce"]
+
+
+def default_passes(model: torch.nn.Module) -> list[str]:
+    """The pipeline used when ``passes=None``: generation passes for a causal LM."""
+    return list(DEFAULT_LM_PASSES if is_causal_lm(model) else DEFAULT_PASSES)
+
+
+def compile(model: torch.nn.Module, passes=None, *, example_inputs=None, dump_dir=None, verify: bool = False,
+            disable=None, stop_after=None, dynamic: bool = True, progress: bool = False, **options) -> CompiledModel:
+    """Compile ``model`` with a pipeline of passes.
+
+    ``passes``: names (see ``fxopt.available_passes()``), Pass objects or functions
+    ``gm -> gm | None``; None takes the default pipeline for the model.
+    ``example_inputs``: a tuple or dict of forward arguments (transformers models may omit them).
+    ``dump_dir``: write a graph dump after every pass, browsable through ``index.html``.
+    ``verify``: run the graph after each pass and compare with the eager model.
+    ``disable``/``stop_after``: skip passes by name / stop after one, to bisect.
+    ``progress``: show a progress bar over the passes on stderr.
+    ``options``: pass options, e.g. ``max_batch_size``, ``max_seq_len`` for ``kv_cache``.
+    """
+    passes = default_passes(model) if passes is None else list(passes)
+    manager = PassManager(passes, verify=verify, dump_dir=dump_dir, disable=disable, stop_after=stop_after,
+                          progress=progress)  # before capture: a bad pipeline fails at once
+    model_was_training = model.training
+    model.eval()
+    gm = capture(model, example_inputs, dynamic=dynamic)
+    info = gm.meta["fxopt"]
+    ctx = CompileContext(info=info, options=dict(options))
+    inputs = reference = None
+    if verify:
+        inputs = pytree.tree_leaves(((), info.example_inputs))
+        with torch.no_grad():
+            reference = pytree.tree_leaves(model(**info.example_inputs))
+    gm = manager.run(gm, ctx, inputs=inputs, reference=reference)
+    if model_was_training:
+        model.train()
+    return CompiledModel(gm, manager.report, ctx)

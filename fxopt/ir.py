@@ -1,0 +1,133 @@
+"""The IR contract every pass may rely on, and the helpers that keep it.
+
+A captured model is a plain ``torch.fx.GraphModule``:
+
+- weights are ``get_attr`` nodes whose target is the original parameter name
+  (``model.layers.0.self_attn.q_proj.weight``);
+- every node carries ``meta['val']``: a FakeTensor (with symbolic batch/sequence dims), a tuple of
+  them, a SymInt or a Python constant; :func:`propagate_meta` recomputes it after a pass;
+- call nodes keep ``meta['nn_module_stack']`` (see :func:`module_path`);
+- ``gm.meta['fxopt']`` holds the :class:`~fxopt.capture.CaptureInfo` (signature, config).
+
+Example::
+
+    >>> gm = fxopt.capture(model, (torch.randn(4, 16),))
+    >>> for node in gm.graph.nodes:
+    ...     print(node.name, shape_of(node), module_path(node))
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+from .errors import PassError
+
+aten = torch.ops.aten
+
+
+def val(node) -> object:
+    """The node's example value (FakeTensor, tuple, SymInt, constant) or None."""
+    return node.meta.get("val") if isinstance(node, fx.Node) else node
+
+
+def shape_of(node) -> tuple | None:
+    v = val(node)
+    return tuple(v.shape) if isinstance(v, torch.Tensor) else None
+
+
+def dtype_of(node) -> torch.dtype | None:
+    v = val(node)
+    return v.dtype if isinstance(v, torch.Tensor) else None
+
+
+def static_dim(dim) -> int | None:
+    """The size of a dim when it is fixed (an int, or a symbol the shape env pinned), else None."""
+    if isinstance(dim, int):
+        return dim
+    node = getattr(dim, "node", None)
+    return node.maybe_as_int() if node is not None else None
+
+
+def module_path(node: fx.Node) -> str:
+    """Dotted path of the innermost module that produced the node ('' when unknown)."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    path, _cls = list(stack.values())[-1]
+    return path
+
+
+def describe(node: fx.Node) -> str:
+    """A short description for error messages: ``%linear_3 (aten.linear.default in model.layers.0.mlp)``."""
+    where = module_path(node)
+    what = node.op if node.op in ("placeholder", "output", "get_attr") else str(node.target)
+    return f"%{node.name} ({what}{' in ' + where if where else ''})"
+
+
+def fake_mode_of(gm: fx.GraphModule) -> FakeTensorMode:
+    """The fake mode the placeholders' values live in (one is made for graphs without one)."""
+    for node in gm.graph.find_nodes(op="placeholder"):
+        v = val(node)
+        if isinstance(v, FakeTensor):
+            return v.fake_mode
+    return FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=True)
+
+
+class _MetaPropagator(fx.Interpreter):
+    """Runs the graph on fake tensors and stores each node's result in ``meta['val']``."""
+
+    def __init__(self, gm: fx.GraphModule, mode: FakeTensorMode):
+        super().__init__(gm, garbage_collect_values=True)
+        self.mode = mode
+
+    def run_node(self, node):
+        try:
+            if node.op == "placeholder":
+                result = node.meta["val"]
+            elif node.op == "get_attr":
+                result = self.fetch_attr(node.target)
+                if isinstance(result, torch.Tensor) and not isinstance(result, FakeTensor):
+                    result = self.mode.from_tensor(result, static_shapes=True)
+            else:
+                with self.mode:
+                    result = super().run_node(node)
+        except Exception as e:  # noqa: BLE001 - re-raised with the node named
+            raise PassError(f"shape propagation failed at {describe(node)}: {type(e).__name__}: {e}") from e
+        if node.op != "output":
+            node.meta["val"] = result
+        return result
+
+
+def propagate_meta(gm: fx.GraphModule) -> None:
+    """Recompute ``meta['val']`` for every node from the placeholders' symbolic values."""
+    for node in gm.graph.find_nodes(op="placeholder"):
+        if "val" not in node.meta:
+            raise PassError(f"placeholder {describe(node)} has no meta['val']; passes must copy it when they add inputs")
+    _MetaPropagator(gm, fake_mode_of(gm)).run()
+
+
+def lint(gm: fx.GraphModule) -> None:
+    """Check the graph is well formed and regenerate its code."""
+    gm.graph.lint()
+    gm.recompile()
+
+
+def replace_node(old: fx.Node, new: fx.Node) -> None:
+    """Point every user of ``old`` at ``new``, carry the module stack over, and erase ``old``."""
+    for key in ("nn_module_stack", "stack_trace"):
+        if key in old.meta and key not in new.meta:
+            new.meta[key] = old.meta[key]
+    old.replace_all_uses_with(new)
+    old.graph.erase_node(old)
+
+
+def is_op(node, *targets) -> bool:
+    """True when ``node`` calls one of the given ops (an OpOverload or an OpOverloadPacket)."""
+    if not isinstance(node, fx.Node) or node.op != "call_function":
+        return False
+    for t in targets:
+        if node.target is t or getattr(node.target, "overloadpacket", None) is t:
+            return True
+    return False

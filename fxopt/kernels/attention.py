@@ -1,0 +1,71 @@
+"""Attention over a static KV cache: ``torch.ops.fxopt.cached_attention``.
+
+    out = cached_attention(q, k, v, k_cache, v_cache, positions, scale, window)
+
+- ``q`` [B, Hq, S, D]; ``k``, ``v`` [B, Hkv, S, D] (before any GQA repeat; Hq % Hkv == 0);
+- ``k_cache``, ``v_cache`` [max_batch, Hkv, max_seq, D], written in place: row ``b``'s token ``s``
+  goes to slot ``positions[b, s]``;
+- each query at position ``p`` then attends to the slots ``j <= p`` of its own row (and
+  ``j > p - window`` when ``window > 0``, for sliding-window models).
+
+Prefill (S = prompt length) and decode (S = 1) are the same op. A batch of prompts of different
+lengths is right-padded: a pad token writes a slot past its row's prompt, which the row's real
+queries never see, and the row's next real token overwrites it.
+
+This file holds the plain-PyTorch reference (the ground truth, runs anywhere) and the fake
+implementation (shapes); a Triton kernel registers itself for CUDA on top of them.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def cached_attention_reference(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
+                               positions: Tensor, scale: float, window: int = 0) -> Tensor:
+    """Write k/v into the caches at ``positions``, then attend causally over the cache."""
+    batch, heads_q, seq, _ = q.shape
+    heads_kv = k.shape[1]
+    _check(q, k, v, k_cache, v_cache, positions)
+    idx = positions[:, None, :, None]
+    k_cache[:batch].scatter_(2, idx.expand(batch, heads_kv, seq, k.shape[-1]), k.to(k_cache.dtype))
+    v_cache[:batch].scatter_(2, idx.expand(batch, heads_kv, seq, v.shape[-1]), v.to(v_cache.dtype))
+    # Only slots up to the largest position can be attended; trimming is exact (the rest is masked).
+    # On CUDA the whole cache is used instead: reading the max would sync the host.
+    length = k_cache.shape[2] if positions.is_cuda else int(positions.max()) + 1
+    keys = k_cache[:batch, :, :length].float()
+    values = v_cache[:batch, :, :length].float()
+    group = heads_q // heads_kv
+    qf = q.float().reshape(batch, heads_kv, group * seq, q.shape[-1])  # queries of one kv head together
+    scores = torch.matmul(qf, keys.transpose(-1, -2)) * scale  # [B, Hkv, G*S, L]
+    scores = scores.reshape(batch, heads_kv, group, seq, length)
+    slots = torch.arange(length, device=q.device)
+    pos = positions[:, None, None, :, None]
+    visible = slots <= pos
+    if window > 0:
+        visible = visible & (slots > pos - window)
+    scores = scores.masked_fill(~visible, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).reshape(batch, heads_kv, group * seq, length)
+    out = torch.matmul(probs, values).reshape(batch, heads_q, seq, v.shape[-1])
+    return out.to(q.dtype)
+
+
+def _check(q, k, v, k_cache, v_cache, positions) -> None:
+    batch, heads_q, seq, _ = q.shape
+    if k_cache.shape[0] < batch:
+        raise ValueError(f"cached_attention: batch {batch} exceeds the KV cache's max_batch_size {k_cache.shape[0]}")
+    if heads_q % k.shape[1]:
+        raise ValueError(f"cached_attention: {heads_q} query heads are not a multiple of {k.shape[1]} kv heads")
+    if positions.shape != (batch, seq):
+        raise ValueError(f"cached_attention: positions {list(positions.shape)} must be [batch, seq] = [{batch}, {seq}]")
+
+
+@torch.library.custom_op("fxopt::cached_attention", mutates_args=("k_cache", "v_cache"))
+def cached_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
+                     positions: Tensor, scale: float, window: int = 0) -> Tensor:
+    return cached_attention_reference(q, k, v, k_cache, v_cache, positions, scale, window)
+
+
+@cached_attention.register_fake
+def _(q, k, v, k_cache, v_cache, positions, scale, window=0):
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))

@@ -1,0 +1,61 @@
+"""``CompiledModel``: the drop-in module ``fxopt.compile`` returns.
+
+It is called exactly like the original model and returns the same output structure (an object
+with ``.logits`` for a transformers LM). After the ``kv_cache`` pass a call is one step of cached
+generation, and ``generate()`` drives prefill and decode.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from ..errors import GenerationError
+
+
+class CompiledModel(torch.nn.Module):
+    def __init__(self, gm: fx.GraphModule, report, ctx):
+        super().__init__()
+        self.graph_module = gm
+        self.info = gm.meta["fxopt"]
+        self.ctx = ctx
+        self._report = report
+
+    # -- calling ----------------------------------------------------------------------------
+    def forward(self, *args, **kwargs):
+        return self.info.signature.call(self.graph_module, *args, **kwargs)
+
+    def step(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """One forward over ``input_ids`` at ``position_ids``; returns the logits tensor."""
+        return self.info.signature.call(self.graph_module, input_ids=input_ids, position_ids=position_ids).logits
+
+    # -- what happened ----------------------------------------------------------------------
+    def report(self):
+        """Per-pass table: time, nodes before→after, changed, stats, verification error."""
+        return self._report
+
+    @property
+    def graph(self) -> fx.Graph:
+        return self.graph_module.graph
+
+    @property
+    def kv_cache(self) -> dict | None:
+        """Layout of the static KV cache (max_batch_size, max_seq_len, buffers), if any."""
+        return self.info.state.get("kv_cache")
+
+    # -- generation -------------------------------------------------------------------------
+    def generate(self, input_ids, attention_mask=None, **kwargs):
+        """Generate tokens like transformers' ``generate``; see :func:`fxopt.runtime.generate.generate`."""
+        from .generate import generate
+        self._require_cache()
+        return generate(self, input_ids, attention_mask=attention_mask, **kwargs)
+
+    def stream(self, input_ids, attention_mask=None, **kwargs):
+        """Yield the new tokens of every row ([batch] tensors), one step at a time."""
+        from .generate import stream
+        self._require_cache()
+        return stream(self, input_ids, attention_mask=attention_mask, **kwargs)
+
+    def _require_cache(self):
+        if self.kv_cache is None:
+            raise GenerationError("generate() needs the 'kv_cache' pass in the pipeline "
+                                  "(fxopt.compile(model) adds it for causal LMs by default)")

