@@ -268,7 +268,8 @@ def default_example_inputs(model) -> dict:
             f"{type(model).__name__}: pass example_inputs to capture it (only transformers models with a "
             "config.vocab_size get default example inputs)")
     gen = torch.Generator().manual_seed(0)
-    return {"input_ids": torch.randint(0, vocab, (2, 7), generator=gen)}
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    return {"input_ids": torch.randint(0, vocab, (2, 7), generator=gen).to(device)}
 
 
 def default_position_ids(inputs: dict) -> torch.Tensor:

@@ -16,7 +16,7 @@ from .passes import CompileContext, PassManager
 from .runtime.compiled import CompiledModel
 
 DEFAULT_PASSES = ["canonicalize", "dce"]
-DEFAULT_LM_PASSES = ["canonicalize", "kv_cache", "dce"]
+DEFAULT_LM_PASSES = ["canonicalize", "kv_cache", "dce", "cuda_graph"]
 
 
 def default_passes(model: torch.nn.Module) -> list[str]:

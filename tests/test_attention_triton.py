@@ -72,7 +72,7 @@ STARTS = [37, 0, MAX_SEQ - 1]
 
 @pytest.mark.parametrize("heads_q, heads_kv, dim, dim_v, batch, window, num_splits, dtype", [
     (4, 4, 16, None, 1, 0, None, torch.float32),
-    (4, 4, 64, None, 3, 0, 4, torch.float16),  # a group of one: the tl.sum path, with splits
+    (4, 4, 64, None, 3, 0, 4, torch.float16),  # a group of one (padded to 16 rows), with splits
     (6, 2, 48, None, 2, 0, 1, torch.float32),  # one split: no combine kernel
     (6, 2, 64, None, 3, 5, 4, torch.float16),
     (6, 2, 48, 32, 3, 0, 2, torch.float32),  # v head dim != k head dim
@@ -139,12 +139,12 @@ def test_random_shapes(heads_kv, group, dim, batch, seq, window, num_splits, dty
     check(*case, window=window, num_splits=num_splits)
 
 
-def test_num_splits_depends_on_shapes_only():
+def test_num_splits_bounds():
     dev = torch.device(DEVICE)
-    for batch, heads_kv, max_seq in ((1, 32, 4096), (32, 32, 4096), (1, 8, 128), (3, 1, 16)):
+    for batch, heads_kv, max_seq in ((1, 32, 4096), (32, 32, 4096), (1, 8, 128), (3, 1, 16), (1, 1, 4096)):
         n = at.decode_num_splits(batch, heads_kv, max_seq, dev)
-        assert 1 <= n <= 64 and n & (n - 1) == 0
-        assert n <= max(1, -(-max_seq // at.DECODE_BLOCK_N)) or n == 1
+        assert 1 <= n <= 64 and n & (n - 1) == 0  # a power of two
+        assert n <= at._pow2(-(-max_seq // at.DECODE_BLOCK_N))  # no more splits than cache blocks (rounded)
 
 
 def test_register_is_idempotent():

@@ -1,3 +1,17 @@
 """Ops fxopt introduces: each a torch custom op (namespace ``fxopt``) with a plain-PyTorch
-reference, a fake implementation for shapes, and where it pays a Triton kernel for CUDA."""
-from . import attention  # noqa: F401
+reference, a fake implementation for shapes, and where it pays a Triton kernel for CUDA.
+
+One file per op family: ``attention`` (cached attention), ``norm`` (RMSNorm / LayerNorm with the
+residual add), ``rotary`` (RoPE on q and k), ``activation`` (gated MLP activations). Files named
+``*_triton.py`` hold the Triton kernels and register them as the CUDA implementations.
+"""
+from . import activation, attention, norm, rotary  # noqa: F401 - define torch.ops.fxopt.*
+
+import os as _os
+
+import torch as _torch
+
+if _torch.cuda.is_available() and _os.environ.get("FXOPT_NO_TRITON") != "1":
+    from .triton_ops import register_all as _register_all
+
+    _register_all()  # CUDA implementations of the ops above (FXOPT_NO_TRITON=1: the references)

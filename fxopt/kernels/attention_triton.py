@@ -26,9 +26,10 @@ Prefill (S > 1): a small scatter kernel writes the S new k/v rows into the cache
 
 Numerics: scores, softmax and accumulators are fp32; ``tl.dot`` takes the cache dtype (fp16/bf16 on
 tensor cores, fp32 with ``input_precision="ieee"`` so fp32 models are not silently rounded to tf32);
-probabilities are cast to the value dtype before the second product, as in flash attention. For a
-group of one query head (MHA) decode uses broadcast-multiply-and-sum instead of ``tl.dot``, which
-would have to pad 1 row up to 16.
+probabilities are cast to the value dtype before the second product, as in flash attention. The
+decode q block is padded to at least 16 rows for ``tl.dot`` even for a group of one (MHA): the
+padding is free in a memory-bound kernel, and on an H200 it ran 2-2.5x faster than the
+broadcast-multiply-and-sum alternative (which gets no software pipelining of its loads).
 
 CPU: under ``TRITON_INTERPRET=1`` (set before this module is imported) the launcher runs on CPU
 tensors, which is how the tests exercise it. The interpreter gets ``tl.dot`` in bf16 wrong, so test
@@ -62,10 +63,13 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 LOG2E = 1.4426950408889634
 NO_WINDOW = 1 << 30  # window 0 means "no window": a window wider than any cache
 
-# H100 defaults, measured with benchmark() below.
+# Hopper defaults, from a sweep on an H200 (BLOCK_N 32/64/128, 4/8 warps, 1-4 stages, 1-8 waves)
+# over the llama2-7b / llama-1b decode shapes of benchmark(); differences between the runners-up
+# were within noise (~0.5 us).
 DECODE_BLOCK_N = 64
 DECODE_NUM_WARPS = 4
-DECODE_NUM_STAGES = 2
+DECODE_NUM_STAGES = 3
+DECODE_WAVES = 1  # decode programs to aim for, per SM (the split count follows from it)
 PREFILL_BLOCK_M = 64
 PREFILL_BLOCK_N = 64
 PREFILL_NUM_WARPS = 4
@@ -116,7 +120,7 @@ def _decode_kernel(
     sp_b, so_b, so_h, so_d,
     GROUP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, NUM_SPLITS: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """One (row b, kv head h, split): all GROUP query heads of h over this split's share of the cache."""
     b = tl.program_id(0).to(tl.int64)
@@ -159,10 +163,7 @@ def _decode_kernel(
         # zero probability would still be NaN.
         k = tl.load(kc_base + offs_n[:, None] * skc_s + offs_d[None, :] * skc_d,
                     mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-        if USE_DOT:
-            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        else:  # a group of one: a padded 16-row tl.dot would waste 15/16 of the work
-            qk = tl.sum(q.to(tl.float32)[:, None, :] * k.to(tl.float32)[None, :, :], axis=2)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         qk = tl.where(mask_n[None, :], qk * scale_log2, float("-inf"))
         # Every block holds at least one visible slot (n0 < stop), so m_new is finite: no inf - inf.
         m_new = tl.maximum(m_i, tl.max(qk, axis=1))
@@ -171,10 +172,7 @@ def _decode_kernel(
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(vc_base + offs_n[:, None] * svc_s + offs_dv[None, :] * svc_d,
                     mask=mask_n[:, None] & mask_dv[None, :], other=0.0)
-        if USE_DOT:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        else:
-            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
     if split == NUM_SPLITS - 1:
@@ -197,7 +195,7 @@ def _decode_kernel(
 
     mask_out = mask_g[:, None] & mask_dv[None, :]
     if NUM_SPLITS == 1:
-        out = acc / l_i[:, None]  # l_i >= 1 term of exp2(0): the new token is always visible
+        out = acc / l_i[:, None]  # l_i >= 1: the running max's own term is exp2(0)
         tl.store(OUT + b * so_b + heads[:, None] * so_h + offs_dv[None, :] * so_d,
                  out.to(OUT.dtype.element_ty), mask=mask_out)
     else:
@@ -220,15 +218,18 @@ def _combine_kernel(
     offs_s = tl.arange(0, BLOCK_SPLITS)
     offs_dv = tl.arange(0, BLOCK_DV)
     mask_s = offs_s < NUM_SPLITS
+    mask_dv = offs_dv < DV
     row = (b * heads_q + hq) * NUM_SPLITS + offs_s
     m = tl.load(PART_M + row, mask=mask_s, other=float("-inf"))
     l = tl.load(PART_L + row, mask=mask_s, other=0.0)
-    acc = tl.load(PART_ACC + row[:, None] * BLOCK_DV + offs_dv[None, :], mask=mask_s[:, None], other=0.0)
+    # Columns past DV were never written (torch.empty): mask them rather than compute on garbage.
+    acc = tl.load(PART_ACC + row[:, None] * BLOCK_DV + offs_dv[None, :], mask=mask_s[:, None] & mask_dv[None, :],
+                  other=0.0)
     # The last split always holds the new token, so m_max is finite; empty splits (m = -inf) weigh 0.
     m_max = tl.max(m, axis=0)
     w = tl.exp2(m - m_max)
     out = tl.sum(acc * w[:, None], axis=0) / tl.sum(l * w, axis=0)
-    tl.store(OUT + b * so_b + hq * so_h + offs_dv * so_d, out.to(OUT.dtype.element_ty), mask=offs_dv < DV)
+    tl.store(OUT + b * so_b + hq * so_h + offs_dv * so_d, out.to(OUT.dtype.element_ty), mask=mask_dv)
 
 
 @_jit
@@ -310,9 +311,9 @@ def _sm_count(device: torch.device) -> int:
 
 def decode_num_splits(batch: int, heads_kv: int, max_seq: int, device: torch.device,
                       block_n: int = DECODE_BLOCK_N) -> int:
-    """Splits per (row, kv head): enough programs for ~2 waves over the SMs, a power of two, no more
+    """Splits per (row, kv head): enough programs for DECODE_WAVES per SM, a power of two, no more
     than the cache has blocks. Depends on shapes only, never on positions (CUDA graphs)."""
-    want = triton.cdiv(2 * _sm_count(device), batch * heads_kv)
+    want = triton.cdiv(DECODE_WAVES * _sm_count(device), batch * heads_kv)
     return max(1, min(_pow2(want), _pow2(triton.cdiv(max_seq, block_n)), 64))
 
 
@@ -327,8 +328,7 @@ def _decode(q, k, v, k_cache, v_cache, positions, out, scale, window, num_splits
     max_seq = k_cache.shape[2]
     if num_splits is None:
         num_splits = decode_num_splits(batch, heads_kv, max_seq, q.device)
-    use_dot = group > 1
-    block_g = _pow2(group, 16) if use_dot else 1  # tl.dot needs >= 16 rows
+    block_g = _pow2(group, 16)  # tl.dot needs >= 16 rows
     block_d, block_dv = _pow2(dim, 16), _pow2(dim_v, 16)
     if num_splits > 1:
         part_acc = torch.empty((batch, heads_q, num_splits, block_dv), dtype=torch.float32, device=q.device)
@@ -345,7 +345,7 @@ def _decode(q, k, v, k_cache, v_cache, positions, out, scale, window, num_splits
         positions.stride(0), out.stride(0), out.stride(1), out.stride(3),
         GROUP=group, D=dim, DV=dim_v, NUM_SPLITS=num_splits,
         BLOCK_G=block_g, BLOCK_N=DECODE_BLOCK_N, BLOCK_D=block_d, BLOCK_DV=block_dv,
-        USE_DOT=use_dot, DOT_PRECISION=_dot_precision(k_cache.dtype),
+        DOT_PRECISION=_dot_precision(k_cache.dtype),
         num_warps=DECODE_NUM_WARPS, num_stages=DECODE_NUM_STAGES,
     )
     if num_splits > 1:
@@ -416,7 +416,9 @@ def cached_attention_triton(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_
 
 def register() -> bool:
     """Make the Triton launcher the CUDA implementation of ``torch.ops.fxopt.cached_attention``.
-    Idempotent (re-registering replaces the function). Returns False when triton is missing."""
+    Idempotent (re-registering replaces the function). Returns False when triton is missing.
+    Not called at import: ``fxopt.kernels.triton_ops.register_all`` does it on CUDA machines
+    (unless FXOPT_NO_TRITON=1)."""
     if triton is None:
         return False
     cached_attention.register_kernel("cuda")(_cuda_impl)
@@ -427,9 +429,6 @@ def _cuda_impl(q, k, v, k_cache, v_cache, positions, scale, window=0):
     return cached_attention_triton(q, k, v, k_cache, v_cache, positions, scale, window)
 
 
-if triton is not None:
-    register()
-
 
 # --------------------------------------------------------------------------------------------- #
 # Benchmark (CUDA): python -m fxopt.kernels.attention_triton
@@ -438,8 +437,8 @@ if triton is not None:
 def benchmark(dtype: torch.dtype = torch.bfloat16, max_seq: int = 4096) -> None:
     """Decode attention, Triton vs the reference, for llama2-7b and llama-3.2-1b shapes.
 
-    GB/s counts the bytes the op must touch: k/v cache rows up to the position, plus q, the new
-    k/v and the output. ``graph`` times replays of a CUDA graph (how fxopt runs decode: no launch
+    GB/s counts the bytes the op must touch: the pos cached k/v rows read and the new one written,
+    plus q and the output. ``graph`` times replays of a CUDA graph (how fxopt runs decode: no launch
     overhead), ``eager`` includes the Python launch cost.
     """
     from triton.testing import do_bench, do_bench_cudagraph
@@ -477,6 +476,30 @@ def benchmark(dtype: torch.dtype = torch.bfloat16, max_seq: int = 4096) -> None:
                 t_ref = do_bench(ref) * 1e-3
                 print(f"{name:10} {batch:3} {pos:5} {splits:6} {t_graph * 1e6:9.1f} {moved / t_graph / 1e9:7.0f} "
                       f"{t_eager * 1e6:9.1f} {t_ref * 1e6:8.1f} {moved / t_ref / 1e9:8.0f}  {err:.2e}")
+
+    # Prefill (secondary): one prompt from slot 0, causal FLOPs = 2 products * Hq * D * S^2 / 2 * 2.
+    print(f"\nprefill  {'model':10} {'S':>5} {'triton us':>10} {'TFLOP/s':>8} {'ref us':>9} {'TFLOP/s':>8}  max|err|")
+    for name, heads_q, heads_kv, dim in (("llama2-7b", 32, 32, 128), ("llama-1b", 32, 8, 64)):
+        for seq in (512, 2048):
+            k_cache = torch.zeros(1, heads_kv, max_seq, dim, device=dev, dtype=dtype)
+            v_cache = torch.zeros_like(k_cache)
+            q = torch.randn(1, seq, heads_q, dim, device=dev, dtype=dtype).transpose(1, 2)
+            k = torch.randn(1, seq, heads_kv, dim, device=dev, dtype=dtype).transpose(1, 2)
+            v = torch.randn(1, seq, heads_kv, dim, device=dev, dtype=dtype).transpose(1, 2)
+            positions = torch.arange(seq, device=dev)[None]
+            scale = dim ** -0.5
+
+            def run():
+                return cached_attention_triton(q, k, v, k_cache, v_cache, positions, scale)
+
+            def ref():
+                return cached_attention_reference(q, k, v, k_cache, v_cache, positions, scale)
+
+            err = (run().float() - ref().float()).abs().max().item()
+            flops = 2 * heads_q * dim * seq * seq
+            t, t_ref = do_bench(run) * 1e-3, do_bench(ref) * 1e-3
+            print(f"prefill  {name:10} {seq:5} {t * 1e6:10.1f} {flops / t / 1e12:8.1f} {t_ref * 1e6:9.1f} "
+                  f"{flops / t_ref / 1e12:8.1f}  {err:.2e}")
 
 
 if __name__ == "__main__":

@@ -19,14 +19,36 @@ class CompiledModel(torch.nn.Module):
         self.info = gm.meta["fxopt"]
         self.ctx = ctx
         self._report = report
+        self._runner = None
+        self.last_timings: dict = {}  # of the last generate(): prefill_ms, decode_ms_per_token, ...
 
     # -- calling ----------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
         return self.info.signature.call(self.graph_module, *args, **kwargs)
 
     def step(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        """One forward over ``input_ids`` at ``position_ids``; returns the logits tensor."""
+        """One forward over ``input_ids`` at ``position_ids``; returns the logits tensor.
+
+        With the ``cuda_graph`` pass, decode steps (one token per row) replay a CUDA graph; the
+        logits are then a view of its static output, valid until the next step.
+        """
+        if input_ids.shape[1] == 1 and input_ids.is_cuda:
+            runner = self._cuda_graph_runner()
+            if runner is not None:
+                return runner(input_ids, position_ids)
         return self.info.signature.call(self.graph_module, input_ids=input_ids, position_ids=position_ids).logits
+
+    def _cuda_graph_runner(self):
+        plan = self.info.state.get("cuda_graph")
+        if plan is None:
+            return None
+        if self._runner is None:
+            from .cuda_graph import CUDAGraphRunner
+            cache = self.kv_cache
+            self._runner = CUDAGraphRunner(self.graph_module, self.info.signature,
+                                           max_batch_size=cache["max_batch_size"], max_seq_len=cache["max_seq_len"],
+                                           fallback=plan["fallback"])
+        return self._runner
 
     # -- what happened ----------------------------------------------------------------------
     def report(self):

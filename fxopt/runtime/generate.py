@@ -13,6 +13,7 @@ Example::
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -108,13 +109,21 @@ class _Request:
                 f"the longest prompt ({longest} tokens) plus max_new_tokens={max_new_tokens} is "
                 f"{longest + max_new_tokens} tokens, beyond max_seq_len={cache['max_seq_len']} "
                 "(compile with a larger max_seq_len, or shorten the request)")
-        gen = model.info.generation
-        self.eos = _eos_set(gen.get("eos_token_id") if eos_token_id is MODEL_DEFAULT else eos_token_id)
-        pad = pad_token_id if pad_token_id is not None else gen.get("pad_token_id")
-        if pad is None:
-            pad = min(self.eos) if self.eos else 0
-        self.pad = int(pad)
+        self.eos = self.eos_of(model, eos_token_id)
+        self.pad = self.pad_of(model, pad_token_id, eos_token_id)
         self.max_new_tokens = max_new_tokens
+
+    @staticmethod
+    def eos_of(model, eos_token_id) -> set[int]:
+        return _eos_set(model.info.generation.get("eos_token_id") if eos_token_id is MODEL_DEFAULT else eos_token_id)
+
+    @staticmethod
+    def pad_of(model, pad_token_id, eos_token_id) -> int:
+        pad = pad_token_id if pad_token_id is not None else model.info.generation.get("pad_token_id")
+        if pad is None:
+            eos = _Request.eos_of(model, eos_token_id)
+            pad = min(eos) if eos else 0
+        return int(pad)
 
 
 def _device(model) -> torch.device:
@@ -124,20 +133,29 @@ def _device(model) -> torch.device:
 
 
 @torch.no_grad()
-def stream(model, input_ids, attention_mask=None, *, max_new_tokens: int = 32, do_sample: bool = False,
-           temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-           eos_token_id=MODEL_DEFAULT, pad_token_id=None, seed: int | None = None,
-           generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+def stream(model, input_ids, attention_mask=None, **kwargs) -> Iterator[torch.Tensor]:
     """Yield a [batch] tensor of new tokens per step (``pad_token_id`` for rows already done).
 
-    ``eos_token_id``: an id or a list of ids that end a row; left out, the model's own (from its
-    generation config); ``None``, no early stop (as in transformers).
+    Takes the options of :func:`generate`. ``eos_token_id``: an id or a list of ids that end a
+    row; left out, the model's own (from its generation config); ``None``, no early stop (as in
+    transformers).
     """
+    for tokens in _decode(model, input_ids, attention_mask, check_every=1, **kwargs):
+        yield tokens.cpu()
+
+
+def _decode(model, input_ids, attention_mask=None, *, check_every: int, max_new_tokens: int = 32,
+            do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+            eos_token_id=MODEL_DEFAULT, pad_token_id=None, seed: int | None = None,
+            generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+    """The loop. Tokens, positions and the done-flags stay on the device; the host looks at the
+    done-flags only every ``check_every`` steps (a sync), so a GPU never waits for Python."""
     req = _Request(model, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id)
     sampling = Sampling(do_sample, temperature, top_k, top_p)
     if generator is None and seed is not None:
         generator = torch.Generator().manual_seed(seed)
     device = _device(model)
+    timer = _Timer(device)
     batch, longest = len(req.rows), int(req.lengths.max())
 
     # prefill: right-padded prompts, each row at positions 0..longest-1
@@ -145,40 +163,84 @@ def stream(model, input_ids, attention_mask=None, *, max_new_tokens: int = 32, d
     for i, row in enumerate(req.rows):
         ids[i, :len(row)] = row
     positions = torch.arange(longest).expand(batch, longest)
+    lengths = req.lengths.to(device)
     logits = model.step(ids.to(device), positions.to(device))
-    last = (req.lengths - 1).to(device)
-    next_logits = logits[torch.arange(batch, device=device), last]
+    next_logits = logits[torch.arange(batch, device=device), lengths - 1]
 
-    done = torch.zeros(batch, dtype=torch.bool)
-    position = req.lengths.clone()
-    eos = torch.tensor(sorted(req.eos), dtype=torch.long) if req.eos else None
+    pad = torch.full((batch,), req.pad, dtype=torch.long, device=device)
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    eos = torch.tensor(sorted(req.eos), dtype=torch.long, device=device) if req.eos else None
+    position = lengths[:, None].clone()
     for step in range(req.max_new_tokens):
-        tokens = sampling.pick(next_logits, generator).cpu()
-        tokens = torch.where(done, torch.full_like(tokens, req.pad), tokens)
+        tokens = sampling.pick(next_logits, generator)
+        if step == 0:
+            timer.prefill_done()
+        tokens = torch.where(done, pad, tokens)
         yield tokens
         if eos is not None:
             done |= torch.isin(tokens, eos)
-        if bool(done.all()) or step == req.max_new_tokens - 1:
-            return
-        logits = model.step(tokens[:, None].to(device), position[:, None].to(device))
-        next_logits = logits[:, -1]
+        if step == req.max_new_tokens - 1 or ((step + 1) % check_every == 0 and bool(done.all())):
+            break
+        next_logits = model.step(tokens[:, None], position)[:, -1]
         position += 1
+    timer.finish(model, step + 1, batch)
+
+
+class _Timer:
+    """Prefill and decode wall time of one generation (synchronizing the device at the two ends)."""
+
+    def __init__(self, device):
+        self.device = device
+        self._sync()
+        self.start = time.perf_counter()
+        self.prefill_end = None
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def prefill_done(self):
+        self._sync()
+        self.prefill_end = time.perf_counter()
+
+    def finish(self, model, tokens: int, batch: int):
+        self._sync()
+        end = time.perf_counter()
+        decode_steps = max(tokens - 1, 1)
+        model.last_timings = {
+            "prefill_ms": (self.prefill_end - self.start) * 1e3,
+            "decode_ms_per_token": (end - self.prefill_end) * 1e3 / decode_steps,
+            "new_tokens": tokens, "batch": batch,
+        }
 
 
 def generate(model, input_ids, attention_mask=None, *, streamer=None, **kwargs) -> torch.Tensor:
     """Generate like transformers' ``model.generate``: returns [batch, prompt + new] token ids.
 
+    Options: ``max_new_tokens``, ``do_sample``, ``temperature``, ``top_k``, ``top_p``,
+    ``eos_token_id`` (left out: the model's; None: never stop early), ``pad_token_id``,
+    ``seed`` or ``generator`` for reproducible sampling.
     ``streamer``: an object with ``put(tokens)`` and ``end()`` (transformers' ``TextStreamer``
     works) or a callable taking each step's [batch] tokens.
     """
     if not isinstance(input_ids, torch.Tensor):
         input_ids = torch.as_tensor(input_ids)
     prompt = input_ids if input_ids.dim() == 2 else input_ids[None]
-    new = []
-    for tokens in stream(model, input_ids, attention_mask, **kwargs):
-        new.append(tokens)
-        if streamer is not None:
+    if streamer is not None:
+        steps = []
+        for tokens in stream(model, input_ids, attention_mask, **kwargs):
+            steps.append(tokens)
             (streamer.put if hasattr(streamer, "put") else streamer)(tokens)
-    if streamer is not None and hasattr(streamer, "end"):
-        streamer.end()
-    return torch.cat([prompt.cpu(), torch.stack(new, dim=1)], dim=1)
+        if hasattr(streamer, "end"):
+            streamer.end()
+    else:
+        steps = list(_decode(model, input_ids, attention_mask, check_every=8, **kwargs))
+    new = torch.stack(steps, dim=1).cpu()
+    # The host looks for "all rows done" only every few steps: cut after the step where the last
+    # row emitted its end-of-sequence token, as transformers does.
+    eos = _Request.eos_of(model, kwargs.get("eos_token_id", MODEL_DEFAULT))
+    if eos:
+        hits = torch.isin(new, torch.tensor(sorted(eos)))
+        if bool(hits.any(dim=1).all()):
+            new = new[:, :int(hits.int().argmax(dim=1).max()) + 1]
+    return torch.cat([prompt.cpu(), new], dim=1)

@@ -1,0 +1,256 @@
+"""Decode and prefill latency: fxopt against transformers eager and torch.compile, same run, same card.
+
+    python benchmarks/decode.py --models llama-1b llama2-7b --batches 1 8 32
+    python benchmarks/decode.py --models llama-1b --batches 1 --no-compile   # skip the slow anchor
+
+Llama-architecture models with random bf16 weights shaped like the anchors in ANCHORS.md, prompt
+128, 128 new tokens (greedy), static KV cache. Side by side, in one process:
+
+- ``hf-eager``    transformers eager with a StaticCache;
+- ``hf-compile``  transformers + ``torch.compile(mode="reduce-overhead", fullgraph=True)`` with
+                  gpt-fast's Inductor flags (coordinate-descent tuning);
+- ``fxopt``       ``fxopt.compile(model)``: the default pipeline, CUDA graphs on.
+
+Columns: ms per decoded token, tokens/s (batch × 1000 / ms), percent of the bandwidth floor
+(weight + KV bytes read per step ÷ device-to-device copy bandwidth measured in the same run),
+compile time, peak GPU memory. A prefill of 2048 tokens (batch 1) runs beside it. Results are
+printed as a table and written as JSON to ``$OUT/decode.json`` (or ``--json PATH``).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+
+CONFIGS = {
+    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                     num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
+    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=32, vocab_size=32000, tie_word_embeddings=False),
+}
+DEV = "cuda"
+
+
+def ev_time(fn, iters=10, warmup=3) -> float:
+    """Seconds per call, timed with CUDA events after warm-up."""
+    for _ in range(warmup):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / iters / 1e3
+
+
+def ceilings() -> dict:
+    a = torch.empty(2**30, dtype=torch.bfloat16, device=DEV).normal_()
+    b = torch.empty_like(a)
+    copy = 2 * a.numel() * 2 / ev_time(lambda: b.copy_(a)) / 1e12
+    del a, b
+    w = torch.randn(28672, 8192, device=DEV, dtype=torch.bfloat16)
+    v = torch.randn(1, 8192, device=DEV, dtype=torch.bfloat16)
+    gemv = w.numel() * 2 / ev_time(lambda: F.linear(v, w), iters=50) / 1e12
+    del w, v
+    x = torch.randn(8192, 8192, device=DEV, dtype=torch.bfloat16)
+    y = torch.randn(8192, 8192, device=DEV, dtype=torch.bfloat16)
+    gemm = 2 * 8192**3 / ev_time(lambda: x @ y) / 1e12
+    del x, y
+    torch.cuda.empty_cache()
+    return {"copy_TBps": round(copy, 3), "gemv_TBps": round(gemv, 3), "bf16_gemm_TFLOPs": round(gemm, 1)}
+
+
+def build(name: str):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    cfg = LlamaConfig(max_position_embeddings=4096, **CONFIGS[name])
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device(DEV):
+        model = LlamaForCausalLM(cfg).eval()
+    torch.set_default_dtype(torch.float32)
+    return model
+
+
+def weight_bytes(model) -> int:
+    seen, total = set(), 0
+    for p in model.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel() * p.element_size()
+    return total
+
+
+def kv_bytes_per_step(cfg, batch: int, context: int) -> int:
+    """K and V bytes read by one decode step at ``context`` tokens of history (bf16)."""
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    return 2 * cfg.num_hidden_layers * batch * cfg.num_key_value_heads * context * head_dim * 2
+
+
+def hf_decode(model, fwd, batch, prompt, new, reps=2) -> float:
+    """ms per token of transformers' own decode loop over a StaticCache (as anchor_decode.py)."""
+    from transformers import StaticCache
+    cache = StaticCache(config=model.config, max_cache_len=prompt + new + 8)
+    ids = torch.randint(0, model.config.vocab_size, (batch, prompt), device=DEV)
+    best = None
+    with torch.inference_mode():
+        for _ in range(reps):
+            cache.reset()
+            logits = model(input_ids=ids, past_key_values=cache,
+                           position_ids=torch.arange(prompt, device=DEV)[None].expand(batch, -1), use_cache=True).logits
+            tok = logits[:, -1:].argmax(-1)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for i in range(new):
+                pos = torch.full((batch, 1), prompt + i, device=DEV, dtype=torch.long)
+                tok = fwd(input_ids=tok, past_key_values=cache, position_ids=pos, use_cache=True).logits[:, -1:].argmax(-1)
+            torch.cuda.synchronize()
+            dt = (time.perf_counter() - t0) / new
+            best = dt if best is None else min(best, dt)
+    return best * 1e3
+
+
+def fxopt_decode(compiled, vocab, batch, prompt, new, reps=2) -> tuple[float, float]:
+    """(decode ms per token, prefill ms) of fxopt's generate()."""
+    ids = torch.randint(0, vocab, (batch, prompt))
+    best = None
+    for _ in range(reps):
+        compiled.generate(ids, max_new_tokens=new, eos_token_id=None)
+        t = compiled.last_timings
+        if best is None or t["decode_ms_per_token"] < best[0]:
+            best = (t["decode_ms_per_token"], t["prefill_ms"])
+    return best
+
+
+def fxopt_prefill(model, ids) -> float:
+    """ms of fxopt's prefill of ``ids`` (batch 1), compiled with a cache just long enough."""
+    import fxopt
+    compiled = fxopt.compile(model, max_batch_size=1, max_seq_len=ids.shape[1] + 8)
+    times = []
+    for _ in range(4):
+        compiled.generate(ids, max_new_tokens=1, eos_token_id=None)
+        times.append(compiled.last_timings["prefill_ms"])
+    del compiled
+    torch.cuda.empty_cache()
+    return min(times[1:])
+
+
+def peak_gb() -> float:
+    return round(torch.cuda.max_memory_allocated() / 1e9, 2)
+
+
+def run_model(name, args, ceil, rows, prefills):
+    model = build(name)
+    cfg = model.config
+    wbytes = weight_bytes(model)
+    max_batch = max(args.batches)
+    seq = args.prompt + args.new + 8
+
+    def floor_ms(batch):
+        context = args.prompt + args.new // 2  # mean history length over the generation
+        return (wbytes + kv_bytes_per_step(cfg, batch, context)) / (ceil["copy_TBps"] * 1e12) * 1e3
+
+    def add(system, batch, ms, compile_s=None, peak=None):
+        rows.append(dict(model=name, system=system, batch=batch, ms_per_token=round(ms, 3),
+                         tokens_per_s=round(batch * 1e3 / ms, 1), pct_of_floor=round(100 * floor_ms(batch) / ms, 1),
+                         floor_ms=round(floor_ms(batch), 3), compile_s=compile_s, peak_GB=peak))
+        print(rows[-1], flush=True)
+        save(args, ceil, rows, prefills)
+
+    # prefill 2048 tokens, batch 1
+    ids = torch.randint(0, cfg.vocab_size, (1, args.prefill), device=DEV)
+    with torch.inference_mode():
+        hf_prefill = ev_time(lambda: model(input_ids=ids, use_cache=False, logits_to_keep=1), iters=5) * 1e3
+
+    for batch in args.batches:
+        torch.cuda.reset_peak_memory_stats()
+        add("hf-eager", batch, hf_decode(model, model.forward, batch, args.prompt, args.new), peak=peak_gb())
+
+    import fxopt
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    compiled = fxopt.compile(model, max_batch_size=max_batch, max_seq_len=seq)
+    compile_s = round(time.perf_counter() - t0, 1)
+    print(compiled.report(), flush=True)
+    for batch in args.batches:
+        torch.cuda.reset_peak_memory_stats()
+        ms, _ = fxopt_decode(compiled, cfg.vocab_size, batch, args.prompt, args.new)
+        add("fxopt", batch, ms, compile_s=compile_s, peak=peak_gb())
+    del compiled
+    gc.collect()
+    torch.cuda.empty_cache()
+    flops = 2 * sum(p.numel() for n, p in model.named_parameters() if "embed" not in n) * args.prefill
+    prefills.append(dict(model=name, tokens=args.prefill, hf_eager_ms=round(hf_prefill, 2),
+                         fxopt_ms=round(fxopt_prefill(model, ids.cpu()), 2),
+                         matmul_floor_ms=round(flops / (ceil["bf16_gemm_TFLOPs"] * 1e12) * 1e3, 2)))
+    print(prefills[-1], flush=True)
+    save(args, ceil, rows, prefills)
+
+    if not args.no_compile:
+        import torch._inductor.config as ic
+        ic.coordinate_descent_tuning = True
+        for batch in args.batches:
+            torch._dynamo.reset()
+            torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            cf = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+            ms = hf_decode(model, cf, batch, args.prompt, args.new, reps=3)
+            add("hf-compile", batch, ms, compile_s=round(time.perf_counter() - t0, 1), peak=peak_gb())
+        torch._dynamo.reset()
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def save(args, ceil, rows, prefills):
+    import transformers
+    import triton
+    meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "transformers": transformers.__version__, "date": time.strftime("%Y-%m-%d"), **ceil}
+    with open(args.json, "w") as f:
+        json.dump({"meta": meta, "decode": rows, "prefill": prefills}, f, indent=1)
+
+
+def table(rows, prefills) -> str:
+    head = (f"{'model':<10} {'system':<11} {'batch':>5} {'ms/tok':>8} {'tok/s':>9} {'floor ms':>8} {'%floor':>7} "
+            f"{'compile s':>9} {'peak GB':>8}")
+    lines = [head, "-" * len(head)]
+    for r in sorted(rows, key=lambda r: (r["model"], r["batch"], r["system"])):
+        lines.append(f"{r['model']:<10} {r['system']:<11} {r['batch']:>5} {r['ms_per_token']:>8.3f} "
+                     f"{r['tokens_per_s']:>9.1f} {r['floor_ms']:>8.3f} {r['pct_of_floor']:>6.1f}% "
+                     f"{r['compile_s'] if r['compile_s'] is not None else '-':>9} {r['peak_GB'] or '-':>8}")
+    lines += ["", f"{'prefill':<10} {'tokens':>6} {'hf-eager ms':>11} {'fxopt ms':>9} {'matmul floor ms':>15}"]
+    for p in prefills:
+        lines.append(f"{p['model']:<10} {p['tokens']:>6} {p['hf_eager_ms']:>11} {p['fxopt_ms']:>9} {p['matmul_floor_ms']:>15}")
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["llama-1b", "llama2-7b"], choices=sorted(CONFIGS))
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32])
+    parser.add_argument("--prompt", type=int, default=128)
+    parser.add_argument("--new", type=int, default=128)
+    parser.add_argument("--prefill", type=int, default=2048, help="prefill benchmark length (batch 1)")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile anchor (slow to compile)")
+    parser.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "decode.json"))
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("benchmarks/decode.py needs a CUDA GPU")
+    ceil = ceilings()
+    print(torch.cuda.get_device_name(), torch.__version__, ceil, flush=True)
+    rows, prefills = [], []
+    for name in args.models:
+        run_model(name, args, ceil, rows, prefills)
+    print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, copy {ceil['copy_TBps']} TB/s, "
+          f"{time.strftime('%Y-%m-%d')}")
+    print(table(rows, prefills))
+
+
+if __name__ == "__main__":
+    main()

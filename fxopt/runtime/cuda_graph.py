@@ -1,0 +1,137 @@
+"""Decode steps replayed from CUDA graphs, one graph per batch-size bucket.
+
+A decode step (one token per row) launches hundreds of small kernels; replaying them from a
+captured CUDA graph removes the CPU launch cost, which at batch 1 is most of the step.
+
+    runner = CUDAGraphRunner(gm, signature, max_batch_size=8)
+    logits = runner(input_ids, position_ids)     # [B, 1] each; B padded up to its bucket
+
+- Buckets are 1, 2, 4, 8, ... up to ``max_batch_size``; a batch is padded up to its bucket.
+- Each bucket is captured on first use, after warm-up, into one memory pool shared by all buckets,
+  with static input buffers (tokens, positions = cache slots) and a static output.
+- Padding rows and warm-up runs write their k/v at the last cache slot, ``max_seq_len - 1``: no row
+  reads a slot before writing it itself, so those writes are never seen.
+- The returned logits are a view of the static output: read them before the next replay.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.fx as fx
+
+from ..errors import FxoptError
+
+
+class CUDAGraphError(FxoptError):
+    """A decode step could not be captured into a CUDA graph."""
+
+
+def buckets_for(max_batch_size: int) -> list[int]:
+    sizes, b = [], 1
+    while b < max_batch_size:
+        sizes.append(b)
+        b *= 2
+    return sizes + [max_batch_size]
+
+
+class _Captured:
+    def __init__(self, graph, input_ids, position_ids, output):
+        self.graph, self.input_ids, self.position_ids, self.output = graph, input_ids, position_ids, output
+
+
+class CUDAGraphRunner:
+    def __init__(self, gm: fx.GraphModule, signature, *, max_batch_size: int, max_seq_len: int,
+                 warmup: int = 2, fallback: bool = False):
+        self.gm = gm
+        self.signature = signature
+        self.buckets = buckets_for(max_batch_size)
+        self.park = max_seq_len - 1  # the cache slot padding rows and warm-up runs write to
+        self.warmup = warmup
+        self.fallback = fallback
+        self.failed = False
+        self.pool = torch.cuda.graph_pool_handle()
+        self.graphs: dict[int, _Captured] = {}
+
+    def bucket(self, batch: int) -> int:
+        for b in self.buckets:
+            if b >= batch:
+                return b
+        raise CUDAGraphError(f"batch {batch} exceeds max_batch_size {self.buckets[-1]}")
+
+    def _eager(self, input_ids, position_ids):
+        return self.signature.call(self.gm, input_ids=input_ids, position_ids=position_ids).logits
+
+    @torch.no_grad()
+    def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        if self.failed:
+            return self._eager(input_ids, position_ids)
+        batch = input_ids.shape[0]
+        size = self.bucket(batch)
+        captured = self.graphs.get(size)
+        if captured is None:
+            captured = self._capture(size, input_ids.device)
+            if captured is None:
+                return self._eager(input_ids, position_ids)
+        captured.input_ids[:batch].copy_(input_ids)
+        captured.position_ids[:batch].copy_(position_ids)
+        if batch < size:
+            captured.input_ids[batch:].zero_()
+            captured.position_ids[batch:].fill_(self.park)
+        captured.graph.replay()
+        return captured.output[:batch]
+
+    def _capture(self, size: int, device) -> _Captured | None:
+        ids = torch.zeros(size, 1, dtype=torch.long, device=device)
+        pos = torch.full((size, 1), self.park, dtype=torch.long, device=device)
+        flat = self.signature.flatten((), {"input_ids": ids, "position_ids": pos})
+        try:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(self.warmup):
+                    self.gm(*flat)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                out = self.gm(*flat)
+        except Exception as e:  # noqa: BLE001 - name the culprit, or fall back if asked to
+            culprit = _find_uncapturable(self.gm, flat)
+            message = (f"decode step for batch bucket {size} could not be captured into a CUDA graph: "
+                       f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                       + (f"\n  culprit: {culprit}" if culprit else ""))
+            if not self.fallback:
+                raise CUDAGraphError(message) from e
+            warnings.warn(message + "\n  falling back to eager decode", stacklevel=3)
+            self.failed = True
+            torch.cuda.synchronize()
+            return None
+        captured = _Captured(graph, ids, pos, out[0])
+        self.graphs[size] = captured
+        return captured
+
+
+def _find_uncapturable(gm: fx.GraphModule, flat) -> str | None:
+    """Replay the graph node by node inside a capture; name the first node that fails."""
+    from ..ir import describe
+
+    class Probe(fx.Interpreter):
+        culprit = None
+
+        def run_node(self, node):
+            try:
+                return super().run_node(node)
+            except Exception as e:  # noqa: BLE001
+                if Probe.culprit is None:
+                    Probe.culprit = f"{describe(node)}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                raise
+
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            Probe(gm).run(*flat)
+    except Exception:  # noqa: BLE001 - the probe only looks for the culprit
+        pass
+    torch.cuda.synchronize()
+    return Probe.culprit
