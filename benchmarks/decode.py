@@ -140,6 +140,15 @@ def fxopt_prefill(model, ids) -> float:
     return min(times[1:])
 
 
+def _or_nan(fn, *args) -> float:
+    try:
+        return fn(*args)
+    except Exception:  # noqa: BLE001
+        import traceback
+        traceback.print_exc()
+        return float("nan")
+
+
 def peak_gb() -> float:
     return round(torch.cuda.max_memory_allocated() / 1e9, 2)
 
@@ -172,21 +181,28 @@ def run_model(name, args, ceil, rows, prefills):
         add("hf-eager", batch, hf_decode(model, model.forward, batch, args.prompt, args.new), peak=peak_gb())
 
     import fxopt
-    torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    compiled = fxopt.compile(model, max_batch_size=max_batch, max_seq_len=seq)
-    compile_s = round(time.perf_counter() - t0, 1)
-    print(compiled.report(), flush=True)
-    for batch in args.batches:
-        torch.cuda.reset_peak_memory_stats()
-        ms, _ = fxopt_decode(compiled, cfg.vocab_size, batch, args.prompt, args.new)
-        add("fxopt", batch, ms, compile_s=compile_s, peak=peak_gb())
-    del compiled
-    gc.collect()
-    torch.cuda.empty_cache()
+    variants = {"fxopt": None, "fxopt-nofuse": ["canonicalize", "kv_cache", "dce", "cuda_graph"]}
+    for system, passes in variants.items():
+        try:
+            torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            compiled = fxopt.compile(model, passes=passes, max_batch_size=max_batch, max_seq_len=seq)
+            compile_s = round(time.perf_counter() - t0, 1)
+            print(compiled.report(), flush=True)
+            for batch in args.batches:
+                torch.cuda.reset_peak_memory_stats()
+                ms, _ = fxopt_decode(compiled, cfg.vocab_size, batch, args.prompt, args.new)
+                add(system, batch, ms, compile_s=compile_s, peak=peak_gb())
+        except Exception as e:  # noqa: BLE001 - record and go on to the anchors
+            import traceback
+            traceback.print_exc()
+            rows.append(dict(model=name, system=system, error=repr(e)[:500]))
+        compiled = None
+        gc.collect()
+        torch.cuda.empty_cache()
     flops = 2 * sum(p.numel() for n, p in model.named_parameters() if "embed" not in n) * args.prefill
     prefills.append(dict(model=name, tokens=args.prefill, hf_eager_ms=round(hf_prefill, 2),
-                         fxopt_ms=round(fxopt_prefill(model, ids.cpu()), 2),
+                         fxopt_ms=round(_or_nan(fxopt_prefill, model, ids.cpu()), 2),
                          matmul_floor_ms=round(flops / (ceil["bf16_gemm_TFLOPs"] * 1e12) * 1e3, 2)))
     print(prefills[-1], flush=True)
     save(args, ceil, rows, prefills)
@@ -194,7 +210,7 @@ def run_model(name, args, ceil, rows, prefills):
     if not args.no_compile:
         import torch._inductor.config as ic
         ic.coordinate_descent_tuning = True
-        for batch in args.batches:
+        for batch in args.compile_batches or args.batches:
             torch._dynamo.reset()
             torch.cuda.reset_peak_memory_stats()
             t0 = time.perf_counter()
@@ -220,10 +236,11 @@ def table(rows, prefills) -> str:
     head = (f"{'model':<10} {'system':<11} {'batch':>5} {'ms/tok':>8} {'tok/s':>9} {'floor ms':>8} {'%floor':>7} "
             f"{'compile s':>9} {'peak GB':>8}")
     lines = [head, "-" * len(head)]
-    for r in sorted(rows, key=lambda r: (r["model"], r["batch"], r["system"])):
+    for r in sorted((r for r in rows if "error" not in r), key=lambda r: (r["model"], r["batch"], r["system"])):
         lines.append(f"{r['model']:<10} {r['system']:<11} {r['batch']:>5} {r['ms_per_token']:>8.3f} "
                      f"{r['tokens_per_s']:>9.1f} {r['floor_ms']:>8.3f} {r['pct_of_floor']:>6.1f}% "
                      f"{r['compile_s'] if r['compile_s'] is not None else '-':>9} {r['peak_GB'] or '-':>8}")
+    lines += [f"{r['model']:<10} {r['system']:<11} ERROR {r['error'][:150]}" for r in rows if "error" in r]
     lines += ["", f"{'prefill':<10} {'tokens':>6} {'hf-eager ms':>11} {'fxopt ms':>9} {'matmul floor ms':>15}"]
     for p in prefills:
         lines.append(f"{p['model']:<10} {p['tokens']:>6} {p['hf_eager_ms']:>11} {p['fxopt_ms']:>9} {p['matmul_floor_ms']:>15}")
@@ -238,6 +255,8 @@ def main():
     parser.add_argument("--new", type=int, default=128)
     parser.add_argument("--prefill", type=int, default=2048, help="prefill benchmark length (batch 1)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile anchor (slow to compile)")
+    parser.add_argument("--compile-batches", nargs="+", type=int, default=None,
+                        help="batch sizes for the torch.compile anchor (default: --batches)")
     parser.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "decode.json"))
     args = parser.parse_args()
     if not torch.cuda.is_available():

@@ -29,7 +29,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from .errors import CaptureError, InputError
-from .ir import static_dim
+from .ir import TensorSpec, static_dim
 
 # ---------------------------------------------------------------------------------------------
 # The signature: the model's own call ↔ the graph's flat inputs and outputs
@@ -49,7 +49,7 @@ class Signature:
     input_names: list[str]
     in_spec: pytree.TreeSpec
     out_spec: pytree.TreeSpec
-    placeholders: list[tuple[str, Any]]  # (name, example value) of each flat input, in order
+    placeholders: list[tuple[str, Any]]  # (name, TensorSpec or constant) of each flat input, in order
     constants: dict[str, Any] = field(default_factory=dict)
     fillers: dict[str, Callable[[dict], Any]] = field(default_factory=dict)
     model_name: str = "model"
@@ -131,28 +131,27 @@ def _is_default(sig: inspect.Signature, name: str, value) -> bool:
         return False
 
 
-def check_input(name: str, value, example) -> None:
-    """Raise :class:`InputError` when ``value`` cannot feed a placeholder captured from ``example``."""
-    if not isinstance(example, torch.Tensor):
+def check_input(name: str, value, spec) -> None:
+    """Raise :class:`InputError` when ``value`` cannot feed a placeholder captured as ``spec``."""
+    if not isinstance(spec, TensorSpec):
         return
     if not isinstance(value, torch.Tensor):
         raise InputError(f"input '{name}' must be a tensor, got {type(value).__name__}")
-    if value.dtype != example.dtype:
-        raise InputError(f"input '{name}' has dtype {value.dtype}, the graph was captured with {example.dtype}")
-    if value.dim() != example.dim():
+    if value.dtype != spec.dtype:
+        raise InputError(f"input '{name}' has dtype {value.dtype}, the graph was captured with {spec.dtype}")
+    if value.dim() != len(spec.dims):
         raise InputError(f"input '{name}' has {value.dim()} dims {list(value.shape)}, "
-                         f"the graph was captured with {example.dim()}: {list(example.shape)}")
-    for i, (got, want) in enumerate(zip(value.shape, example.shape)):
-        want = static_dim(want)
+                         f"the graph was captured with {len(spec.dims)}: {_fmt_shape(spec.dims)}")
+    for i, (got, want) in enumerate(zip(value.shape, spec.dims)):
         if want is not None and got != want:
             raise InputError(f"input '{name}' has size {got} in dim {i}; the graph was captured with the "
-                             f"static size {want} there (shape {_fmt_shape(example.shape)})")
+                             f"static size {want} there (shape {_fmt_shape(spec.dims)})")
         if got == 0:
             raise InputError(f"input '{name}' is empty in dim {i} (shape {list(value.shape)})")
 
 
-def _fmt_shape(shape) -> str:
-    return "[" + ", ".join(str(static_dim(s) or s) for s in shape) + "]"
+def _fmt_shape(dims) -> str:
+    return "[" + ", ".join("*" if d is None else str(d) for d in dims) + "]"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,30 +194,28 @@ def capture(model: torch.nn.Module, example_inputs: tuple | dict | None = None, 
     kind = "causal_lm" if is_causal_lm(model) else "module"
     forward = inspect.signature(model.forward)
 
-    if example_inputs is None:
-        example_inputs = default_example_inputs(model)
-    kwargs = _as_kwargs(model_name, forward, example_inputs)
-    constants = {}
-    if kind == "causal_lm":
-        if "use_cache" in forward.parameters:
-            kwargs["use_cache"] = constants["use_cache"] = False
-        if "position_ids" in forward.parameters and "position_ids" not in kwargs and "input_ids" in kwargs:
-            kwargs["position_ids"] = default_position_ids(kwargs)
-    for name, value in kwargs.items():
-        if not isinstance(value, torch.Tensor) and not isinstance(value, (list, tuple, dict)):
-            constants.setdefault(name, value)
-    _check_example_leaves(model_name, kwargs)
-
-    if dynamic_shapes is None:
-        dynamic_shapes = {k: _auto_dims(v) if dynamic else None for k, v in kwargs.items()}
-    try:
-        with torch.no_grad():
-            ep = torch.export.export(model, (), kwargs, dynamic_shapes=dynamic_shapes, strict=False)
-    except Exception as e:  # noqa: BLE001 - every failure becomes an error that says where and what to do
-        raise CaptureError(_explain_failure(model_name, e)) from e
+    defaulted = example_inputs is None
+    attempts = DEFAULT_SHAPES if defaulted else [None]
+    for shape in attempts:
+        kwargs, constants = _prepare(model, kind, forward, default_example_inputs(model, shape) if defaulted else example_inputs)
+        shapes = dynamic_shapes
+        if shapes is None:
+            shapes = {k: _auto_dims(v) if dynamic else None for k, v in kwargs.items()}
+        try:
+            with torch.no_grad():
+                ep = torch.export.export(model, (), kwargs, dynamic_shapes=shapes, strict=False)
+        except Exception as e:  # noqa: BLE001 - every failure becomes an error that says where and what to do
+            raise CaptureError(_explain_failure(model_name, e)) from e
+        # torch.export may pin a dim to its example size (an accidental equality with a constant of
+        # the model); with default inputs, try other sizes before giving up on a symbolic batch/seq.
+        if not (defaulted and dynamic and _specialized(ep, "input_ids")):
+            break
+    else:
+        raise CaptureError(f"could not capture {model_name} with a symbolic batch and sequence length: torch.export "
+                           f"fixed input_ids to {_specialized(ep, 'input_ids')}; pass example_inputs and dynamic_shapes")
 
     gm = _unlift(ep)
-    placeholders = [(n.name, n.meta.get("val")) for n in gm.graph.find_nodes(op="placeholder")]
+    placeholders = [(n.name, spec) for n, spec in zip(gm.graph.find_nodes(op="placeholder"), gm.meta["fxopt_inputs"])]
     signature = Signature(
         forward=forward, input_names=list(kwargs), in_spec=ep.call_spec.in_spec, out_spec=ep.call_spec.out_spec,
         placeholders=placeholders, constants=constants, model_name=model_name)
@@ -235,6 +232,21 @@ def _unlift(ep: torch.export.ExportedProgram) -> fx.GraphModule:
     gm = ep.module()
     gm._forward_pre_hooks.clear()  # export's input-constraint check: fxopt checks inputs itself
     graph = gm.graph
+    # The symbolic input values come from the exported program itself: some torch versions give
+    # the unlifted module's placeholders example-sized values. Everything else is re-derived below.
+    # (By position: a constant input's spec holds its value, not its name.)
+    exported = [n for n in ep.graph.nodes if n.op == "placeholder"]
+    symbolic = [n.meta.get("val") for n, spec in zip(exported, ep.graph_signature.input_specs)
+                if spec.kind == torch.export.graph_signature.InputKind.USER_INPUT]
+    placeholders = list(graph.find_nodes(op="placeholder"))
+    if len(symbolic) != len(placeholders):
+        raise CaptureError(f"captured {len(placeholders)} inputs but the exported program has {len(symbolic)}")
+    for node, value in zip(placeholders, symbolic):
+        old = node.meta.get("val")
+        if isinstance(old, torch.Tensor) != isinstance(value, torch.Tensor) or (
+                isinstance(old, torch.Tensor) and (old.dim(), old.dtype) != (value.dim(), value.dtype)):
+            raise CaptureError(f"input '{node.name}' of the unlifted graph does not line up with the exported program")
+        node.meta["val"] = value
     for node in list(graph.find_nodes(op="call_module")):
         if node.target == "_guards_fn" and not node.users:  # shape guards: fxopt checks inputs itself
             graph.erase_node(node)
@@ -247,6 +259,8 @@ def _unlift(ep: torch.export.ExportedProgram) -> fx.GraphModule:
         node.meta["param"] = node.target  # the original parameter name, for dumps and checkpoints
     graph.eliminate_dead_code()
     gm.recompile()
+    gm.meta["fxopt_inputs"] = [TensorSpec.of(v) if isinstance(v, torch.Tensor) else v
+                               for v in (n.meta.get("val") for n in graph.find_nodes(op="placeholder"))]
     return gm
 
 
@@ -259,8 +273,36 @@ def is_causal_lm(model) -> bool:
     return isinstance(model, GenerationMixin) and not getattr(config, "is_encoder_decoder", False)
 
 
-def default_example_inputs(model) -> dict:
-    """Example inputs for a transformers model: random token ids of shape [2, 7]."""
+DEFAULT_SHAPES = [(2, 7), (3, 11), (5, 13)]  # [batch, seq] of default example inputs, tried in order
+
+
+def _prepare(model, kind: str, forward: inspect.Signature, example_inputs) -> tuple[dict, dict]:
+    """The example inputs as forward's keyword arguments, and the constant (non-tensor) ones."""
+    kwargs = _as_kwargs(type(model).__name__, forward, example_inputs)
+    constants = {}
+    if kind == "causal_lm":
+        if "use_cache" in forward.parameters:
+            kwargs["use_cache"] = constants["use_cache"] = False
+        if "position_ids" in forward.parameters and "position_ids" not in kwargs and "input_ids" in kwargs:
+            kwargs["position_ids"] = default_position_ids(kwargs)
+    for name, value in kwargs.items():
+        if not isinstance(value, torch.Tensor) and not isinstance(value, (list, tuple, dict)):
+            constants.setdefault(name, value)
+    _check_example_leaves(type(model).__name__, kwargs)
+    return kwargs, constants
+
+
+def _specialized(ep, name: str) -> list | None:
+    """The static sizes torch.export gave input ``name`` (None when every dim stayed symbolic)."""
+    for node in ep.graph.nodes:
+        if node.op == "placeholder" and node.name == name:
+            dims = [static_dim(d) for d in node.meta["val"].shape]
+            return dims if any(d is not None for d in dims) else None
+    return None
+
+
+def default_example_inputs(model, shape=(2, 7)) -> dict:
+    """Example inputs for a transformers model: random token ids of ``shape`` [batch, seq]."""
     config = getattr(model, "config", None)
     vocab = getattr(config, "vocab_size", None)
     if vocab is None:
@@ -269,7 +311,7 @@ def default_example_inputs(model) -> dict:
             "config.vocab_size get default example inputs)")
     gen = torch.Generator().manual_seed(0)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    return {"input_ids": torch.randint(0, vocab, (2, 7), generator=gen).to(device)}
+    return {"input_ids": torch.randint(0, vocab, shape, generator=gen).to(device)}
 
 
 def default_position_ids(inputs: dict) -> torch.Tensor:

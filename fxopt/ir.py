@@ -17,10 +17,12 @@ Example::
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
-from torch.fx.experimental.symbolic_shapes import ShapeEnv
+from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
 
 from .errors import PassError
 
@@ -46,8 +48,10 @@ def static_dim(dim) -> int | None:
     """The size of a dim when it is fixed (an int, or a symbol the shape env pinned), else None."""
     if isinstance(dim, int):
         return dim
-    node = getattr(dim, "node", None)
-    return node.maybe_as_int() if node is not None else None
+    # Read the symbol's expression (with the shape env's replacements applied), not its example
+    # value: a dim is static only when that expression is a number.
+    expr = getattr(getattr(dim, "node", None), "expr", None)
+    return int(expr) if expr is not None and expr.is_number else None
 
 
 def module_path(node: fx.Node) -> str:
@@ -66,6 +70,47 @@ def describe(node: fx.Node) -> str:
     return f"%{node.name} ({what}{' in ' + where if where else ''})"
 
 
+@dataclass(frozen=True)
+class TensorSpec:
+    """What a graph input accepts, fixed at capture: dtype, device, and each dim's static size
+    (None where the dim is symbolic). Independent of any shape environment, so later shape
+    propagation can never pin a symbolic dim by accident."""
+
+    dtype: torch.dtype
+    device: torch.device
+    dims: tuple  # int (static) or None (symbolic), per dim
+    example: tuple  # the example sizes used at capture (hints for the symbolic dims)
+
+    @classmethod
+    def of(cls, value: torch.Tensor) -> "TensorSpec":
+        dims = tuple(static_dim(d) for d in value.shape)
+        example = tuple(_hint(d) for d in value.shape)
+        return cls(value.dtype, value.device, dims, example)
+
+    def fake(self, mode: FakeTensorMode) -> torch.Tensor:
+        """A fake tensor in ``mode`` with a fresh symbol for every symbolic dim."""
+        real = torch.empty(self.example, dtype=self.dtype, device="meta")
+        dynamic = [DimDynamic.STATIC if d is not None else DimDynamic.DYNAMIC for d in self.dims]
+        fake = mode.from_tensor(real, symbolic_context=StatelessSymbolicContext(dynamic_sizes=dynamic))
+        if self.device.type == "meta":
+            return fake
+        with mode:  # the same symbolic sizes, on the input's device
+            return torch.empty_strided(fake.shape, fake.stride(), dtype=fake.dtype, device=self.device)
+
+
+def _hint(dim) -> int:
+    """The example size behind a (possibly symbolic) dim."""
+    if isinstance(dim, int):
+        return dim
+    hint = getattr(dim.node, "hint", None)
+    return int(hint) if hint is not None else int(dim.node.shape_env.size_hint(dim.node.expr))
+
+
+def input_specs(gm: fx.GraphModule) -> list | None:
+    """The capture-time :class:`TensorSpec` (or constant) of each placeholder, if recorded."""
+    return getattr(gm, "meta", {}).get("fxopt_inputs")
+
+
 def fake_mode_of(gm: fx.GraphModule) -> FakeTensorMode:
     """The fake mode the placeholders' values live in (one is made for graphs without one)."""
     for node in gm.graph.find_nodes(op="placeholder"):
@@ -75,21 +120,36 @@ def fake_mode_of(gm: fx.GraphModule) -> FakeTensorMode:
     return FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=True)
 
 
+# Ops whose fake kernels guard on symbolic sizes (and so pin them) or, on some torch versions,
+# reach C++ code that needs concrete sizes. Their output shapes are simple enough to state.
+_SHAPE_RULES = {
+    # SDPA's fake kernel pads the mask to the kernel's alignment and guards on the length
+    aten.scaled_dot_product_attention.default: lambda q, k, v: q.new_empty((*q.shape[:-1], v.shape[-1])),
+    # linear on CUDA takes at::native::matmul, which calls numel() on symbolic tensors (torch 2.11)
+    aten.linear.default: lambda x, w, b=None: x.new_empty((*x.shape[:-1], w.shape[0])),
+}
+
+
 class _MetaPropagator(fx.Interpreter):
     """Runs the graph on fake tensors and stores each node's result in ``meta['val']``."""
 
-    def __init__(self, gm: fx.GraphModule, mode: FakeTensorMode):
+    def __init__(self, gm: fx.GraphModule, mode: FakeTensorMode, inputs: list | None):
         super().__init__(gm, garbage_collect_values=True)
         self.mode = mode
+        self.inputs = iter(inputs) if inputs is not None else None
 
     def run_node(self, node):
         try:
             if node.op == "placeholder":
-                result = node.meta["val"]
+                result = next(self.inputs) if self.inputs is not None else node.meta["val"]
             elif node.op == "get_attr":
                 result = self.fetch_attr(node.target)
                 if isinstance(result, torch.Tensor) and not isinstance(result, FakeTensor):
                     result = self.mode.from_tensor(result, static_shapes=True)
+            elif node.target in _SHAPE_RULES:
+                with self.mode:
+                    result = _SHAPE_RULES[node.target](*(self.env[a] if isinstance(a, fx.Node) else a
+                                                         for a in node.args[:3]))
             else:
                 with self.mode:
                     result = super().run_node(node)
@@ -101,11 +161,22 @@ class _MetaPropagator(fx.Interpreter):
 
 
 def propagate_meta(gm: fx.GraphModule) -> None:
-    """Recompute ``meta['val']`` for every node from the placeholders' symbolic values."""
+    """Recompute ``meta['val']`` for every node from the graph's inputs.
+
+    A captured graph is propagated in a fresh fake mode and shape environment, from the input
+    specs recorded at capture: whatever an op's fake kernel decides about a symbolic size stays
+    inside this propagation and never changes what the graph accepts.
+    """
+    specs = input_specs(gm)
+    if specs is not None:
+        mode = FakeTensorMode(shape_env=ShapeEnv(duck_shape=False), allow_non_fake_inputs=True)
+        inputs = [spec.fake(mode) if isinstance(spec, TensorSpec) else spec for spec in specs]
+        _MetaPropagator(gm, mode, inputs).run()
+        return
     for node in gm.graph.find_nodes(op="placeholder"):
         if "val" not in node.meta:
             raise PassError(f"placeholder {describe(node)} has no meta['val']; passes must copy it when they add inputs")
-    _MetaPropagator(gm, fake_mode_of(gm)).run()
+    _MetaPropagator(gm, fake_mode_of(gm), None).run()
 
 
 def lint(gm: fx.GraphModule) -> None:
