@@ -57,19 +57,9 @@ class Signature:
     def bind(self, args: tuple, kwargs: dict) -> dict:
         """The user's arguments as ``{captured input name: value}``, with fillers and constants applied."""
         try:
-            bound = self.forward.bind(*args, **kwargs)
+            given = bind_arguments(self.forward, args, kwargs)
         except TypeError as e:
             raise InputError(f"{self.model_name}{self.forward}: {e}") from None
-        given = {}
-        for name, value in bound.arguments.items():
-            kind = self.forward.parameters[name].kind
-            if kind is inspect.Parameter.VAR_KEYWORD:
-                given.update(value)
-            elif kind is inspect.Parameter.VAR_POSITIONAL:
-                if value:
-                    raise InputError(f"{self.model_name}: positional *{name} arguments were not captured")
-            else:
-                given[name] = value
         out = {}
         for name in self.input_names:
             if name in self.constants:
@@ -344,17 +334,21 @@ def _as_kwargs(model_name: str, forward: inspect.Signature, example_inputs) -> d
             f"{model_name}: example_inputs must be a tuple of positional arguments or a dict of keyword "
             f"arguments of forward{forward}, got {type(example_inputs).__name__}")
     try:
-        bound = forward.bind(*args, **kwargs)
+        return bind_arguments(forward, args, kwargs)
     except TypeError as e:
         raise CaptureError(f"{model_name}: example_inputs do not fit forward{forward}: {e}") from None
+
+
+def bind_arguments(forward: inspect.Signature, args: tuple, kwargs: dict) -> dict:
+    """``forward``'s arguments by name, ``**kwargs`` spread out (TypeError if they don't fit)."""
     out = {}
-    for name, value in bound.arguments.items():
+    for name, value in forward.bind(*args, **kwargs).arguments.items():
         kind = forward.parameters[name].kind
         if kind is inspect.Parameter.VAR_KEYWORD:
             out.update(value)
         elif kind is inspect.Parameter.VAR_POSITIONAL:
             if value:
-                raise CaptureError(f"{model_name}: forward(*{name}) cannot be captured; give named inputs")
+                raise TypeError(f"positional *{name} arguments cannot be captured; give named inputs")
         else:
             out[name] = value
     return out

@@ -510,7 +510,7 @@ class GraphDumper:
 
     Example::
 
-        dumper = GraphDumper("/tmp/fxopt_dump")
+        dumper = GraphDumper("dumps")
         dumper.dump(0, "capture", gm)
         run_my_pass(gm)
         dumper.dump(1, "fuse_rmsnorm", gm, changed=True,

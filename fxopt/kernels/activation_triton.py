@@ -28,24 +28,13 @@ tensors, which is how the tests exercise them. The interpreter has no bf16: test
 """
 from __future__ import annotations
 
-import os
-import types
 
 import torch
 from torch import Tensor
 
 from .activation import KINDS, act, act_reference, gated_act, gated_act_reference
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only install: fxopt still imports and the ops keep their reference implementations
-    triton = None
-    tl = types.SimpleNamespace(constexpr=int)  # only so the kernel annotations below evaluate
-
-_jit = triton.jit if triton is not None else (lambda fn: fn)
-# Read once: triton.jit made interpreter functions if (and only if) this was set at import.
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from .triton_env import INTERPRET, jit as _jit, tl, triton
 # A global read inside a kernel must be a constexpr.
 _HAS_ERF = tl.constexpr(triton is not None and hasattr(tl.math, "erf"))
 

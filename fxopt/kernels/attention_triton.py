@@ -41,24 +41,13 @@ memory out of bounds for a bad position, but their output for that row is then m
 from __future__ import annotations
 
 import functools
-import os
-import types
 
 import torch
 from torch import Tensor
 
 from .attention import _check, cached_attention, cached_attention_reference
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only install: fxopt still imports and the op keeps its reference implementation
-    triton = None
-    tl = types.SimpleNamespace(constexpr=int)  # only so the kernel annotations below evaluate
-
-_jit = triton.jit if triton is not None else (lambda fn: fn)
-# Read once: triton.jit made interpreter functions if (and only if) this was set at import.
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from .triton_env import INTERPRET, jit as _jit, tl, triton
 
 LOG2E = 1.4426950408889634
 NO_WINDOW = 1 << 30  # window 0 means "no window": a window wider than any cache

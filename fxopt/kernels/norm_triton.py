@@ -30,8 +30,6 @@ tensors, which is how the tests exercise them. The interpreter has no bf16: test
 """
 from __future__ import annotations
 
-import os
-import types
 
 import torch
 from torch import Tensor
@@ -39,16 +37,7 @@ from torch import Tensor
 from .norm import (add_layer_norm, add_rms_norm, layer_norm, layer_norm_reference, rms_norm,
                    rms_norm_reference)
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only install: fxopt still imports and the ops keep their reference implementations
-    triton = None
-    tl = types.SimpleNamespace(constexpr=int)  # only so the kernel annotations below evaluate
-
-_jit = triton.jit if triton is not None else (lambda fn: fn)
-# Read once: triton.jit made interpreter functions if (and only if) this was set at import.
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from .triton_env import INTERPRET, jit as _jit, tl, triton
 
 # A row lives in registers: past this many lanes it would spill. Wider rows take the reference.
 MAX_BLOCK = 16384

@@ -27,24 +27,13 @@ tensors, which is how the tests exercise it. The interpreter has no bf16: test t
 """
 from __future__ import annotations
 
-import os
-import types
 
 import torch
 from torch import Tensor
 
 from .rotary import rotary, rotary_reference
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only install: fxopt still imports and the op keeps its reference implementation
-    triton = None
-    tl = types.SimpleNamespace(constexpr=int)  # only so the kernel annotations below evaluate
-
-_jit = triton.jit if triton is not None else (lambda fn: fn)
-# Read once: triton.jit made interpreter functions if (and only if) this was set at import.
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from .triton_env import INTERPRET, jit as _jit, tl, triton
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Tokens below which a program takes a single head (decode), and the lanes a prefill program aims for.
