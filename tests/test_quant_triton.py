@@ -1,0 +1,259 @@
+"""The Triton weight-only quantized linear (fxopt/kernels/quant_triton.py) against
+``quant_linear_reference``.
+
+Without a GPU the kernels run in the Triton interpreter on CPU tensors (conftest sets
+TRITON_INTERPRET=1), in fp32 and fp16 (the interpreter gets bf16 ``tl.dot`` wrong); with one, the
+same tests run the compiled kernels on CUDA, and the ``gpu`` tests also go through
+``torch.ops.fxopt.quant_linear`` after ``register()``, in bf16 and fp16.
+
+Poison: every output is passed in pre-filled with NaN (``out=``) and every split-K partial buffer
+is handed out NaN-filled, so an element the kernels fail to write shows up as NaN. x, the scales
+and the bias are views into larger NaN-filled buffers (an extra row of x, an extra row and column
+of scales, extra bias entries), so a read past M, past K, past the last group or past N shows up as
+NaN too (NaN times a masked zero is still NaN). No NaN ever passes a comparison.
+
+Shapes are small and odd on purpose: in_features 99 (odd: a padding nibble with 4 bits), 100, 48
+and 576 (SmolLM2: 4.5 groups of 128), out_features 37, M = 1 (the GEMV branch), 3 (the decode
+kernel's dot branch) and 17 (the prefill kernel); groups of 32/64/128 (one scale per K block),
+the whole row, and 20/48 (groups straddling blocks: the scale-gather branch).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from fxopt.kernels import quant_triton as qt
+from fxopt.kernels.quant import quant_linear_reference, quantize_weight
+
+pytestmark = pytest.mark.skipif(qt.triton is None, reason="triton is not installed")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# fp16/bf16: the dot paths round the dequantized weight where the reference does, the GEMV path
+# does not (one ulp of a weight at most); with fp32 accumulation either way the outputs differ by
+# about an ulp of the output dtype.
+TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.float16: dict(atol=3e-3, rtol=3e-3),
+       torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
+HYPOTHESIS = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+NAN = float("nan")
+
+
+@pytest.fixture(autouse=True)
+def poisoned_partials(monkeypatch):
+    """Split-K partials start as NaN: the reduction must only read what the decode kernel wrote."""
+    monkeypatch.setattr(qt, "_alloc_partials",
+                        lambda shape, device: torch.full(shape, NAN, dtype=torch.float32, device=device))
+
+
+def make_case(m, n, k, group, bits, dtype, bias=True, seed=0, lead=(), device=DEVICE):
+    """(x, qweight, scales, bias) for an [n, k] random weight quantized by quantize_weight.
+    x is [*lead, m, k]; x, scales and bias are views into NaN-filled buffers one larger each way."""
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(n, k, generator=g) / k ** 0.5).to(dtype)
+    qweight, scales = quantize_weight(w, group, bits)
+
+    x_buf = torch.full((*lead, m + 1, k + 3), NAN, dtype=dtype)
+    x_buf[..., :m, :k] = torch.randn(*lead, m, k, generator=g).to(dtype)
+    s_buf = torch.full((n + 1, scales.shape[1] + 1), NAN, dtype=dtype)
+    s_buf[:n, :scales.shape[1]] = scales
+    # The weight rows get a wider stride too (ints cannot be poisoned, but the stride is exercised).
+    q_buf = torch.zeros((n, qweight.shape[1] + 5), dtype=qweight.dtype)
+    q_buf[:, :qweight.shape[1]] = qweight
+    b = None
+    if bias:
+        b_buf = torch.full((n + 2,), NAN, dtype=dtype)
+        b_buf[:n] = torch.randn(n, generator=g).to(dtype)
+        b = b_buf.to(device)[:n]
+    return (x_buf.to(device)[..., :m, :k], q_buf.to(device)[:, :qweight.shape[1]],
+            s_buf.to(device)[:n, :scales.shape[1]], b)
+
+
+def check(case, group, bits, k, op=None, **kw):
+    x, qweight, scales, bias = case
+    expected = quant_linear_reference(x, qweight, scales, bias, group, bits, k)
+    assert not torch.isnan(expected).any(), "the test itself read poison"
+    if op is None:
+        out = torch.full(expected.shape, NAN, dtype=x.dtype, device=x.device)
+        got = qt.quant_linear_triton(x, qweight, scales, bias, group, bits, k, out=out, **kw)
+        assert got is out
+    else:
+        got = op(x, qweight, scales, bias, group, bits, k)
+    assert got.shape == expected.shape and got.dtype == expected.dtype, (got.shape, got.dtype)
+    assert not torch.isnan(got).any(), "NaN in the output: an element not written, or poison read"
+    torch.testing.assert_close(got, expected, **TOL[x.dtype])
+    return got
+
+
+# --------------------------------------------------------------------------------------------- #
+# Both paths, both bit widths, ragged shapes
+# --------------------------------------------------------------------------------------------- #
+
+CASES = [  # m, n, k, group, bias
+    (1, 37, 99, 32, True),  # GEMV; odd K: ragged last group (3 features) and a padding nibble
+    (3, 37, 576, 128, False),  # SmolLM2's 576 = 4.5 groups of 128
+    (17, 37, 100, 64, True),  # prefill
+    (1, 37, 576, 64, False),
+    (3, 37, 99, 99, True),  # one group for the whole row
+    (17, 37, 48, 48, False),
+    (1, 37, 100, 48, True),  # groups of 48 straddle the blocks: per-element scales
+    (3, 37, 99, 20, False),  # a group smaller than any block
+    (17, 37, 99, 48, True),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("m, n, k, group, bias", CASES)
+def test_matches_reference(m, n, k, group, bias, bits, dtype):
+    check(make_case(m, n, k, group, bits, dtype, bias, seed=m + k + group), group, bits, k)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("m", [1, 3])
+@pytest.mark.parametrize("split_k", [1, 3, 100])
+def test_decode_split_k(m, bits, split_k):
+    """One split (the kernel writes y and the bias itself), a few, and more than K has blocks
+    (clamped: no empty split). The default split count is exercised by every other test."""
+    k, group = 576, 32  # 18 blocks of 32
+    check(make_case(m, 37, k, group, bits, torch.float32, seed=split_k), group, bits, k, split_k=split_k)
+
+
+@pytest.mark.parametrize("path, m", [("decode", 17), ("decode", 64), ("prefill", 1), ("prefill", 3)])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_forced_path(path, m, bits):
+    """Either kernel is correct at any M it accepts (decode pads 17 rows to 32, 64 to 64)."""
+    k, group = 100, 32
+    check(make_case(m, 37, k, group, bits, torch.float16, seed=m), group, bits, k, path=path)
+
+
+def test_decode_rejects_too_many_rows():
+    case = make_case(65, 8, 32, 32, 8, torch.float32)
+    with pytest.raises(ValueError, match="at most"):
+        qt.quant_linear_triton(*case, 32, 8, 32, path="decode")
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_prefill_grouped_tiles(bits):
+    """Small tiles so the grouped launch order has several row blocks, a partial group of them and
+    ragged edges in every direction: every tile is written exactly where it belongs."""
+    k, group = 99, 32
+    cfg = dict(block_m=16, block_n=16, block_k=32, group_m=3)
+    check(make_case(70, 37, k, group, bits, torch.float32, seed=5), group, bits, k, path="prefill", config=cfg)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_small_decode_blocks(bits):
+    """Many K blocks and N blocks (block_n 16, block_k 16), the default split."""
+    k, group = 99, 64
+    cfg = dict(block_n=16, block_k=16)
+    for m in (1, 5):
+        check(make_case(m, 37, k, group, bits, torch.float32, seed=m), group, bits, k, config=cfg)
+
+
+def test_leading_dims_and_tiny_shapes():
+    """x [2, 3, K] (batch, seq) flattens to M = 6; a single output feature; a single input feature."""
+    check(make_case(3, 37, 100, 32, 4, torch.float32, lead=(2,)), 32, 4, 100)
+    check(make_case(2, 1, 48, 16, 8, torch.float32), 16, 8, 48)
+    check(make_case(1, 5, 1, 128, 4, torch.float32), 128, 4, 1)
+    check(make_case(20, 5, 1, 1, 8, torch.float16), 1, 8, 1)
+
+
+def test_empty_rows():
+    x, qweight, scales, bias = make_case(1, 37, 48, 16, 8, torch.float32)
+    out = qt.quant_linear_triton(x[:0], qweight, scales, bias, 16, 8, 48)
+    assert out.shape == (0, 37)
+
+
+def test_non_contiguous_x_is_copied():
+    """x whose last dim is strided (a transpose) still works (copied to unit stride first)."""
+    x, qweight, scales, bias = make_case(3, 37, 64, 32, 8, torch.float32)
+    xt = x.detach().clone().t().contiguous().t()  # same values, strides (1, 3)
+    assert xt.stride(-1) != 1
+    check((xt, qweight, scales, bias), 32, 8, 64)
+
+
+def test_supported():
+    x, qweight, scales, bias = make_case(2, 37, 99, 32, 4, torch.float32)
+    assert qt.supported(x, qweight, scales, bias, 32, 4, 99)
+    assert not qt.supported(x, qweight, scales, bias, 32, 8, 99)  # uint8 weight read as int8
+    assert not qt.supported(x, qweight, scales, bias, 64, 4, 99)  # wrong number of groups
+    assert not qt.supported(x.double(), qweight, scales, bias, 32, 4, 99)
+    assert not qt.supported(x[..., :98], qweight, scales, bias, 32, 4, 98)
+    assert not qt.supported(x, qweight, scales, bias[:5], 32, 4, 99)
+    assert not qt.supported(x, qweight, scales, bias, 32, 3, 99)
+    with pytest.raises(ValueError, match="unsupported"):
+        qt.quant_linear_triton(x, qweight, scales, bias, 64, 4, 99)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_cuda_impl_falls_back(bits):
+    """The function registered for CUDA takes the reference for what the kernels do not support
+    (here fp64 activations) and the kernels otherwise."""
+    x, qweight, scales, bias = make_case(2, 37, 99, 32, bits, torch.float32)
+    got = qt._cuda_impl(x.double(), qweight, scales, bias, 32, bits, 99)
+    expected = quant_linear_reference(x.double(), qweight, scales, bias, 32, bits, 99)
+    torch.testing.assert_close(got, expected)
+    check((x, qweight, scales, bias), 32, bits, 99, op=qt._cuda_impl)
+
+
+@HYPOTHESIS
+@given(m=st.integers(1, 20), n=st.integers(1, 40), k=st.integers(1, 160), bits=st.sampled_from([8, 4]),
+       group=st.sampled_from([16, 32, 64, 7, 48, 1000]), bias=st.booleans(), seed=st.integers(0, 2 ** 16))
+def test_hypothesis(m, n, k, bits, group, bias, seed):
+    check(make_case(m, n, k, group, bits, torch.float32, bias, seed=seed), group, bits, k)
+
+
+# --------------------------------------------------------------------------------------------- #
+# GPU: the registered op in bf16/fp16, llama shapes, CUDA graphs
+# --------------------------------------------------------------------------------------------- #
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("m, n, k, group, bias", [
+    (1, 4096, 4096, 128, False),  # llama2-7b q/k/v/o decode
+    (8, 11008, 4096, 128, False),  # gate/up, batched decode
+    (16, 4096, 11008, 128, True),  # down, the last decode M
+    (17, 4096, 4096, 128, False),  # the first prefill M
+    (300, 1536, 576, 128, True),  # SmolLM2 (576 = 4.5 groups), prefill
+    (1, 576, 1536, 64, False),
+    (5, 37, 99, 48, True),  # odd everything, scale gather
+    (129, 37, 99, 99, True),
+])
+def test_gpu_registered_op(m, n, k, group, bias, bits, dtype):
+    qt.register()
+    check(make_case(m, n, k, group, bits, dtype, bias, device="cuda"), group, bits, k, op=torch.ops.fxopt.quant_linear)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("path, m", [("decode", 32), ("decode", 64), ("prefill", 1), ("prefill", 2048)])
+def test_gpu_paths_bf16(path, m, bits):
+    """Both kernels at the M where the other is the default, in bf16 (compiled tl.dot)."""
+    check(make_case(m, 4096, 4096, 128, bits, torch.bfloat16, device="cuda"), 128, bits, 4096, path=path)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("m", [1, 8])
+def test_gpu_decode_in_cuda_graph(m, bits):
+    """No host sync: decode (with split-K and its reduction) captures, and replays follow new x
+    written in place."""
+    qt.register()
+    k, n, group, dtype = 4096, 4096, 128, torch.bfloat16
+    x, qweight, scales, bias = make_case(m, n, k, group, bits, dtype, device="cuda")
+    x = x.contiguous()
+    op = torch.ops.fxopt.quant_linear
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm up (compiles) off the capture
+        op(x, qweight, scales, bias, group, bits, k)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = op(x, qweight, scales, bias, group, bits, k)
+    for seed in (1, 2):
+        x.copy_(torch.randn(x.shape, generator=torch.Generator().manual_seed(seed)).to(x))
+        graph.replay()
+        expected = quant_linear_reference(x, qweight, scales, bias, group, bits, k)
+        torch.testing.assert_close(out, expected, **TOL[dtype])
