@@ -9,6 +9,7 @@ rewrites it in plain sight (``dump_dir=``, ``compiled.report()``), and the resul
 module.
 """
 from .capture import CaptureInfo, Signature, capture
+from .checkpoint import CheckpointError, compile_from_checkpoint, load_checkpoint, load_plan
 from .compiler import compile, default_passes
 from .errors import CaptureError, FxoptError, GenerationError, InputError, PassError, VerificationError
 from .passes import CompileContext, Pass, PassResult, available_passes, register_pass
@@ -17,7 +18,8 @@ from .runtime import CompiledModel
 __version__ = "0.1.0"
 
 __all__ = [
-    "CaptureError", "CaptureInfo", "CompileContext", "CompiledModel", "FxoptError", "GenerationError",
+    "CaptureError", "CaptureInfo", "CheckpointError", "CompileContext", "CompiledModel", "FxoptError", "GenerationError",
     "InputError", "Pass", "PassError", "PassResult", "Signature", "VerificationError", "available_passes",
-    "capture", "compile", "default_passes", "register_pass",
+    "capture", "compile", "compile_from_checkpoint", "default_passes", "load_checkpoint", "load_plan",
+    "register_pass",
 ]

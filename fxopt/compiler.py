@@ -12,6 +12,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from .capture import capture, is_causal_lm
+from .errors import FxoptError
 from .passes import CompileContext, PassManager
 from .runtime.compiled import CompiledModel
 
@@ -46,6 +47,9 @@ def compile(model: torch.nn.Module, passes=None, *, example_inputs=None, dump_di
     info = gm.meta["fxopt"]
     ctx = CompileContext(info=info, options=dict(options))
     inputs = reference = None
+    if verify and any(p.device.type == "meta" for p in model.parameters()):
+        raise FxoptError(f"verify=True needs real weights, but {type(model).__name__} has parameters on the meta "
+                         "device; load them first (fxopt.compile_from_checkpoint) or compile without verify")
     if verify:
         inputs = pytree.tree_leaves(((), info.example_inputs))
         with torch.no_grad():
