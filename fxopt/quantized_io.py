@@ -200,7 +200,11 @@ def load_quantized(model: torch.nn.Module, path, *, device=None, **compile_optio
                 raise QuantizedFileError(
                     f"{path}: tensor '{key}' has shape {shape} and dtype {dtype}; the compiled graph expects "
                     f"'{name}' of shape {list(current.shape)} and dtype {current.dtype}")
-            _assign(gm, name, f.get_tensor(key))
+            try:
+                tensor = f.get_tensor(key)
+            except Exception as e:  # noqa: BLE001 - name the tensor and the file
+                raise QuantizedFileError(f"{path}: cannot read tensor '{key}' ({type(e).__name__}: {e})") from e
+            _assign(gm, name, tensor)
     _materialize_state(gm, info, device)
     _relocate_constants(gm, device)
     state = info.state["quantize"]

@@ -8,14 +8,15 @@ value a byte; INT4 two (``[out, ceil(in/2)]`` uint8). The bias stays in float.
 
 Options (``fxopt.compile(..., quant_bits=8, quant_group_size=64)``):
 
-==================== ============ ===============================================================
-``quant_bits``        8            8 or 4
-``quant_group_size``  128          input features per scale: an int (32, 64, 128, ...), or
-                                   ``None`` / ``"row"`` for one scale per whole row
-``quant_lm_head``     False        also quantize the head (see below)
-``quant_include``     None         parameter-name globs; only linears whose weight matches one
-``quant_exclude``     None         parameter-name globs; linears whose weight matches one stay float
-==================== ============ ===============================================================
+===================== ============ ===============================================================
+``quant_bits``         8            8 or 4
+``quant_group_size``   128          input features per scale: an int (32, 64, 128, ...), or
+                                    ``None`` / ``"row"`` for one scale per whole row
+``quant_lm_head``      False        also quantize the head (see below)
+``quant_include``      None         parameter-name globs; only linears whose weight matches one
+``quant_exclude``      None         parameter-name globs; linears whose weight matches one stay float
+``quant_placeholders`` False        plan only: meta placeholders, nothing quantized (for loaders)
+===================== ============ ===============================================================
 
 Which linears: by default every linear inside the decoder blocks, decided from the dataflow, not
 from names. A linear is a **head** when no other linear is downstream of it and its output reaches
@@ -47,6 +48,9 @@ float: the error of this layer alone, not accumulated). Each rewritten node carr
 
 Tensor parallelism: :func:`group_aligned_split` says where a row-parallel split (one that cuts the
 input features) falls on group boundaries.
+
+Sweeps: :func:`quantize_compiled` quantizes a copy of a compiled float model (no second capture).
+Save and load: ``fxopt/quantized_io.py``. Docs: ``docs/quantization.md``.
 """
 from __future__ import annotations
 
@@ -231,11 +235,18 @@ class Quantize(Pass):
                 kept.append({"name": w.target if isinstance(w, fx.Node) else str(w), "module": module_path(node),
                              "node": node.name, "head": head, "reason": reason})
 
-        weights = {n: getattr_path(gm, _linear_args(n)[1].target) for n in chosen}
-        placeholders = opts.placeholders or any(w.is_meta for w in weights.values())
-        quantized = {}  # linear node -> (qweight, scales, in_features, group_size)
+        placeholders = opts.placeholders or any(
+            getattr_path(gm, _linear_args(n)[1].target).is_meta for n in chosen)
+        # the float graph's view of every chosen linear first (all float weights still there) ...
+        seen, note = {}, None
+        if chosen and placeholders:
+            note = "weights not loaded (meta device or quant_placeholders): no accuracy measured"
+        elif chosen:
+            seen, note = _record(gm, ctx, chosen)
+        # ... then one linear at a time: quantize, measure, rewrite, drop the float weight
+        table = []
         for node in chosen:
-            w = weights[node]
+            w = getattr_path(gm, _linear_args(node)[1].target)
             out_f, in_f = w.shape
             g = in_f if opts.group_size is None else opts.group_size
             if placeholders:
@@ -245,31 +256,24 @@ class Quantize(Pass):
             else:
                 with torch.no_grad():
                     q, s = quantize_weight(w.detach(), g, opts.bits)
-            quantized[node] = (q, s, in_f, g)
+            row = self._row(node, w, q, s, in_f, g, opts, node in heads)
+            if not placeholders:
+                _measure(row, w, q, s, seen.pop(node, None))
+            del w
+            self._rewrite(gm, node, q, s, in_f, g, opts, row)
+            table.append(row)
 
-        rows = {node: self._row(gm, node, weights[node], *quantized[node], opts, node in heads) for node in chosen}
-        accuracy_note = None
-        if chosen and not placeholders:
-            accuracy_note = self._measure(gm, ctx, chosen, weights, quantized, rows)
-        elif chosen:
-            accuracy_note = "weights not loaded (meta device or quant_placeholders): no accuracy measured"
-
-        for node in chosen:
-            self._rewrite(gm, node, *quantized[node], opts, rows[node])
-        del weights
-
-        table = [rows[n] for n in chosen]
         stats = self._stats(table, kept, opts, placeholders)
         if ctx.info is not None:
             ctx.info.state["quantize"] = {
                 "bits": opts.bits, "group_size": opts.group_label, "lm_head": opts.lm_head,
                 "include": list(opts.include), "exclude": list(opts.exclude), "placeholders": placeholders,
-                "layers": table, "kept_float": kept, "note": accuracy_note}
+                "layers": table, "kept_float": kept, "note": note}
         return PassResult(changed=bool(chosen), stats=stats)
 
     # -- the table ------------------------------------------------------------------------
     @staticmethod
-    def _row(gm, node, w, q, s, in_f, g, opts, head) -> dict:
+    def _row(node, w, q, s, in_f, g, opts, head) -> dict:
         wnode = _linear_args(node)[1]
         return {
             "name": wnode.target, "module": module_path(node), "node": node.name,
@@ -277,44 +281,11 @@ class Quantize(Pass):
             "out_features": int(w.shape[0]), "in_features": int(in_f), "group_size": int(g), "bits": opts.bits,
             "n_groups": n_groups(in_f, g), "head": head,
             "weight_rel_err": None, "output_rel_err": None,
-            "float_bytes": w.numel() * w.element_size(), "quant_bytes": q.numel() * q.element_size() + s.numel() * s.element_size(),
+            "float_bytes": w.numel() * w.element_size(),
+            "quant_bytes": q.numel() * q.element_size() + s.numel() * s.element_size(),
             "bf16_bytes": w.numel() * 2,
             "qweight": None, "scales": None,
         }
-
-    @staticmethod
-    def _measure(gm, ctx, chosen, weights, quantized, rows) -> str | None:
-        """Weight and output errors (see the module docstring); returns a note when the outputs
-        could not be measured."""
-        with torch.no_grad():
-            for node in chosen:
-                q, s, in_f, g = quantized[node]
-                w = weights[node]
-                deq = dequantize_weight(q, s, g, rows[node]["bits"], in_f, torch.float32)
-                wf = w.detach().float()
-                rows[node]["weight_rel_err"] = float(torch.linalg.vector_norm(wf - deq)
-                                                     / torch.linalg.vector_norm(wf).clamp_min(1e-30))
-        info = ctx.info
-        if info is None or not info.example_inputs:
-            return "no example inputs: output errors not measured"
-        inputs = pytree.tree_leaves(((), info.example_inputs))
-        if any(isinstance(t, torch.Tensor) and t.is_meta for t in inputs):
-            return "example inputs on the meta device: output errors not measured"
-        recorder = _LinearRecorder(gm, set(chosen))
-        try:
-            with torch.no_grad():
-                recorder.run(*inputs)
-        except Exception as e:  # noqa: BLE001 - the report says so; quantization itself goes on
-            return f"output errors not measured: the graph failed on the example inputs ({type(e).__name__}: {e})"
-        with torch.no_grad():
-            for node in chosen:
-                if node not in recorder.seen:
-                    continue
-                x, bias, ref = recorder.seen[node]
-                q, s, in_f, g = quantized[node]
-                got = quant_linear_reference(x, q, s, bias, g, rows[node]["bits"], in_f)
-                rows[node]["output_rel_err"] = rel_error(got, ref)
-        return None
 
     # -- the rewrite ----------------------------------------------------------------------
     @staticmethod
@@ -380,6 +351,37 @@ class Quantize(Pass):
             stats["max_output_rel_err"] = f"{worst['output_rel_err']:.2e}"
             stats["worst"] = worst["name"]
         return stats
+
+
+def _record(gm, ctx, chosen) -> tuple[dict, str | None]:
+    """Run the float graph once on the example inputs; per chosen linear, (input, bias, output).
+    Returns the records and a note when they could not be made (errors then stay unmeasured)."""
+    info = ctx.info
+    if info is None or not info.example_inputs:
+        return {}, "no example inputs: output errors not measured"
+    inputs = pytree.tree_leaves(((), info.example_inputs))
+    if any(isinstance(t, torch.Tensor) and t.is_meta for t in inputs):
+        return {}, "example inputs on the meta device: output errors not measured"
+    recorder = _LinearRecorder(gm, set(chosen))
+    try:
+        with torch.no_grad():
+            recorder.run(*inputs)
+    except Exception as e:  # noqa: BLE001 - the report says so; quantization itself goes on
+        return {}, f"output errors not measured: the graph failed on the example inputs ({type(e).__name__}: {e})"
+    return recorder.seen, None
+
+
+def _measure(row: dict, w, q, s, seen) -> None:
+    """The weight error, and the output error on the recorded input (see the module docstring)."""
+    g, bits, in_f = row["group_size"], row["bits"], row["in_features"]
+    with torch.no_grad():
+        wf = w.detach().float()
+        deq = dequantize_weight(q, s, g, bits, in_f, torch.float32)
+        row["weight_rel_err"] = float(torch.linalg.vector_norm(wf - deq) / torch.linalg.vector_norm(wf).clamp_min(1e-30))
+        del wf, deq
+        if seen is not None:
+            x, bias, ref = seen
+            row["output_rel_err"] = rel_error(quant_linear_reference(x, q, s, bias, g, bits, in_f), ref)
 
 
 class _LinearRecorder(fx.Interpreter):
