@@ -205,8 +205,13 @@ def load_quantized(model: torch.nn.Module, path, *, device=None, **compile_optio
             except Exception as e:  # noqa: BLE001 - name the tensor and the file
                 raise QuantizedFileError(f"{path}: cannot read tensor '{key}' ({type(e).__name__}: {e})") from e
             _assign(gm, name, tensor)
-    _materialize_state(gm, info, device)
-    _relocate_constants(gm, device)
+    from .checkpoint import allocate_runtime_buffers, retarget_device
+    allocate_runtime_buffers(gm, device)  # the KV cache, made on the meta device for a meta model
+    retarget_device(gm, device)  # device constants a meta capture left in the graph
+    left = [n for n, t in list(gm.named_parameters()) + list(gm.named_buffers()) if t.is_meta]
+    if left:
+        raise QuantizedFileError(f"after loading, '{left[0]}' is still on the meta device"
+                                 + (f" (and {len(left) - 1} more)" if len(left) > 1 else ""))
     state = info.state["quantize"]
     by_name = {r["name"]: r for r in meta["layers"]}
     for row in state["layers"]:
@@ -249,31 +254,6 @@ def _assign(gm: fx.GraphModule, target: str, value: torch.Tensor) -> None:
         owner._buffers[leaf] = value
     else:
         setattr(owner, leaf, value)
-
-
-def _materialize_state(gm: fx.GraphModule, info, device: torch.device) -> None:
-    """KV cache buffers allocated on the meta device (a meta model) → zeros on ``device``."""
-    for name in _cache_names(gm, info):
-        buf = _fetch(gm, name)
-        if buf.is_meta or buf.device != device:
-            _assign(gm, name, torch.zeros(buf.shape, dtype=buf.dtype, device=device))
-    left = [n for n, t in list(gm.named_parameters()) + list(gm.named_buffers()) if t.is_meta]
-    if left:
-        raise QuantizedFileError(f"after loading, '{left[0]}' is still on the meta device"
-                                 + (f" (and {len(left) - 1} more)" if len(left) > 1 else ""))
-
-
-def _relocate_constants(gm: fx.GraphModule, device: torch.device) -> None:
-    """A graph captured on the meta device creates tensors there (``arange(..., device=meta)``):
-    point those at ``device``."""
-    changed = False
-    for node in gm.graph.nodes:
-        dev = node.kwargs.get("device")
-        if isinstance(dev, torch.device) and dev.type == "meta" or dev == "meta":
-            node.kwargs = {**node.kwargs, "device": device}
-            changed = True
-    if changed:
-        gm.recompile()
 
 
 __all__ = ["FORMAT", "QuantizedFileError", "graph_tensors", "load_quantized", "read_metadata", "save_quantized"]
