@@ -34,6 +34,13 @@ CONFIGS = {
                       num_key_value_heads=32, vocab_size=32000, tie_word_embeddings=False),
 }
 DEV = "cuda"
+# fxopt pipelines the benchmark can run (None: fxopt's default pipeline for a causal LM)
+VARIANTS = {
+    "fxopt": None,
+    "fxopt-nofuse": ["canonicalize", "kv_cache", "dce", "cuda_graph"],
+    "fxopt-fuse": ["canonicalize", "kv_cache", "fuse", "dce", "cuda_graph"],
+    "fxopt-int8": ["canonicalize", "kv_cache", "fuse", "quantize", "dce", "cuda_graph"],
+}
 
 
 def ev_time(fn, iters=10, warmup=3) -> float:
@@ -181,8 +188,8 @@ def run_model(name, args, ceil, rows, prefills):
         add("hf-eager", batch, hf_decode(model, model.forward, batch, args.prompt, args.new), peak=peak_gb())
 
     import fxopt
-    variants = {"fxopt": None, "fxopt-nofuse": ["canonicalize", "kv_cache", "dce", "cuda_graph"]}
-    for system, passes in variants.items():
+    for system in args.variants:
+        passes = VARIANTS[system]
         try:
             torch.cuda.reset_peak_memory_stats()
             t0 = time.perf_counter()
@@ -233,14 +240,14 @@ def save(args, ceil, rows, prefills):
 
 
 def table(rows, prefills) -> str:
-    head = (f"{'model':<10} {'system':<11} {'batch':>5} {'ms/tok':>8} {'tok/s':>9} {'floor ms':>8} {'%floor':>7} "
+    head = (f"{'model':<10} {'system':<12} {'batch':>5} {'ms/tok':>8} {'tok/s':>9} {'floor ms':>8} {'%floor':>7} "
             f"{'compile s':>9} {'peak GB':>8}")
     lines = [head, "-" * len(head)]
     for r in sorted((r for r in rows if "error" not in r), key=lambda r: (r["model"], r["batch"], r["system"])):
-        lines.append(f"{r['model']:<10} {r['system']:<11} {r['batch']:>5} {r['ms_per_token']:>8.3f} "
+        lines.append(f"{r['model']:<10} {r['system']:<12} {r['batch']:>5} {r['ms_per_token']:>8.3f} "
                      f"{r['tokens_per_s']:>9.1f} {r['floor_ms']:>8.3f} {r['pct_of_floor']:>6.1f}% "
                      f"{r['compile_s'] if r['compile_s'] is not None else '-':>9} {r['peak_GB'] or '-':>8}")
-    lines += [f"{r['model']:<10} {r['system']:<11} ERROR {r['error'][:150]}" for r in rows if "error" in r]
+    lines += [f"{r['model']:<10} {r['system']:<12} ERROR {r['error'][:150]}" for r in rows if "error" in r]
     lines += ["", f"{'prefill':<10} {'tokens':>6} {'hf-eager ms':>11} {'fxopt ms':>9} {'matmul floor ms':>15}"]
     for p in prefills:
         lines.append(f"{p['model']:<10} {p['tokens']:>6} {p['hf_eager_ms']:>11} {p['fxopt_ms']:>9} {p['matmul_floor_ms']:>15}")
@@ -257,6 +264,8 @@ def main():
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile anchor (slow to compile)")
     parser.add_argument("--compile-batches", nargs="+", type=int, default=None,
                         help="batch sizes for the torch.compile anchor (default: --batches)")
+    parser.add_argument("--variants", nargs="+", default=["fxopt", "fxopt-int8"], choices=sorted(VARIANTS),
+                        help="fxopt pipelines to run (fxopt: the default pipeline)")
     parser.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "decode.json"))
     args = parser.parse_args()
     if not torch.cuda.is_available():

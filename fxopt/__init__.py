@@ -10,6 +10,7 @@ module.
 """
 from .capture import CaptureInfo, Signature, capture
 from .checkpoint import CheckpointError, compile_from_checkpoint, load_checkpoint, load_plan
+from . import distributed  # noqa: F401 - fxopt.distributed.setup() for torchrun
 from .compiler import compile, default_passes
 from .errors import CaptureError, FxoptError, GenerationError, InputError, PassError, VerificationError
 from .passes import CompileContext, Pass, PassResult, available_passes, register_pass

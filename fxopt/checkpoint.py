@@ -69,11 +69,13 @@ class CheckpointError(FxoptError):
 class Slice:
     """The part of a source one rank reads: ``[start, end)`` along ``dim`` (0: rows, 1: columns),
     in the graph's orientation (a linear weight is [out, in]; a transposed source is sliced along
-    the other dim of the stored tensor)."""
+    the other dim of the stored tensor). ``size``: the full length of ``dim`` (checked against the
+    file; None: not known)."""
 
     dim: int
     start: int
     end: int
+    size: int | None = None
 
     def __str__(self) -> str:
         return f"[{self.start}:{self.end}]" if self.dim == 0 else f"[:, {self.start}:{self.end}]"
@@ -323,18 +325,19 @@ def _sources(prov: dict, shape: tuple) -> list[Source]:
     if "param_sources" in prov:
         transforms = prov.get("param_transforms") or {}
         out = []
-        for name, start, end in prov["param_sources"]:
-            sl = slices.get(name)
+        for entry in prov["param_sources"]:
+            name, start, end = entry[:3]
+            sl = entry[3] if len(entry) > 3 and entry[3] is not None else slices.get(name)
             full = [end - start, *shape[1:]]
             if sl is not None:
-                full[sl.dim] = None
+                full[sl.dim] = sl.size
             out.append(Source(name, tuple(full), (start, end), transforms.get(name) == "transpose", sl))
         return out
     name = prov["param"]
     sl = slices.get(name)
     full = list(shape)
     if sl is not None:
-        full[sl.dim] = None
+        full[sl.dim] = sl.size
     return [Source(name, tuple(full), None, prov.get("param_transform") == "transpose", sl)]
 
 
@@ -1025,7 +1028,9 @@ def compile_on_meta(path, passes=None, *, dtype: torch.dtype = torch.bfloat16, p
     real_buffers = dict(model.named_buffers(remove_duplicate=False))
     tied = tied_names(model)
     model.to(_META)  # capture sees one device: the computed buffers go back after compiling
-    pipeline = compiler.default_passes(model) if passes is None else list(passes)
+    tp = int(options.get("tp", 1) or 1)
+    pipeline = compiler.default_passes(model, tp) if passes is None else list(passes)
+    compiler.check_tp(pipeline, tp)
     before, after = _split_pipeline(pipeline)
     disable = set(options.pop("disable", None) or ())
     stop_after = options.pop("stop_after", None)

