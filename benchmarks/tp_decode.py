@@ -47,6 +47,8 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--new", type=int, default=128)
     parser.add_argument("--passes", default=None, help="comma-separated pipeline (default: fxopt's, with shard)")
+    parser.add_argument("--allreduce", default="nccl", choices=["nccl", "symm_mem"],
+                        help="how shard spells its all-reduces (tp_allreduce)")
     parser.add_argument("--smoke", action="store_true", help="tiny model on CPU with gloo: checks the script")
     parser.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "tp_decode.jsonl"))
     args = parser.parse_args()
@@ -57,7 +59,8 @@ def main() -> None:
     model = build(args.model, args.smoke, device)
     passes = args.passes.split(",") if args.passes else None
     t0 = time.perf_counter()
-    compiled = fxopt.compile(model, passes=passes, tp=world, max_batch_size=max(args.batches),
+    extra = {"tp_allreduce": args.allreduce} if world > 1 else {}
+    compiled = fxopt.compile(model, passes=passes, tp=world, max_batch_size=max(args.batches), **extra,
                              max_seq_len=args.prompt + args.new + 8)
     compile_s = time.perf_counter() - t0
     vocab = model.config.vocab_size
@@ -80,7 +83,8 @@ def main() -> None:
             ms = compiled.last_timings["decode_ms_per_token"]
             best = ms if best is None else min(best, ms)
         peak = torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else 0.0
-        rows.append(dict(model=args.model, tp=world, batch=batch, ms_per_token=round(best, 3),
+        rows.append(dict(model=args.model, tp=world, allreduce=args.allreduce if world > 1 else "-", batch=batch,
+                         ms_per_token=round(best, 3),
                          tokens_per_s=round(batch * 1e3 / best, 1), compile_s=round(compile_s, 1),
                          peak_GB_per_rank=round(peak, 2), logits_rel_err=float(f"{rel_err:.2e}"),
                          gpu=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
@@ -90,7 +94,8 @@ def main() -> None:
             for r in rows:
                 print(json.dumps(r), flush=True)
                 f.write(json.dumps(r) + "\n")
-    fxopt.distributed.teardown()
+    if not fxopt.distributed.teardown():
+        fxopt.distributed.exit_now(0)
 
 
 if __name__ == "__main__":

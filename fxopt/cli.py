@@ -70,6 +70,9 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--tp", type=int, default=1,
                      help="tensor-parallel ranks: launch with 'torchrun --nproc-per-node N -m fxopt generate ... "
                           "--tp N'; each rank reads only its slices of the checkpoint; rank 0 prints")
+    gen.add_argument("--tp-allreduce", default="nccl", choices=["nccl", "symm_mem"],
+                     help="how --tp sums partial results: NCCL, or (CUDA) a one-shot all-reduce over symmetric "
+                          "memory, faster for decode (docs/tensor-parallel.md)")
 
     sub.add_parser("passes", help="list the passes fxopt knows by name")
     return parser
@@ -171,13 +174,14 @@ def _generate_tp(args, rank: int, dtype) -> int:
     t0 = time.perf_counter()
     compiled = fxopt.compile_from_checkpoint(
         path, passes, dtype=dtype, device=device, progress=not args.quiet, tp=args.tp, dump_dir=dump_dir,
+        tp_allreduce=args.tp_allreduce,
         max_batch_size=ids.shape[0], max_seq_len=args.max_seq_len or ids.shape[1] + args.max_new_tokens)
     _log(args, f"rank 0 of {args.tp}: compiled and loaded its shard in {time.perf_counter() - t0:.1f}s "
                f"({compiled.info.state['checkpoint']})")
-    try:
-        return _run(args, compiled, tokenizer, ids, mask, pad, str(device))
-    finally:
-        distributed.teardown()
+    code = _run(args, compiled, tokenizer, ids, mask, pad, str(device))
+    if not distributed.teardown():
+        distributed.exit_now(code)
+    return code
 
 
 def _encode(args, tokenizer):

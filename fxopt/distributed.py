@@ -81,12 +81,40 @@ def device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() and not dist.is_initialized() else torch.device("cpu")
 
 
-def teardown() -> None:
-    """Leave the process group (at the end of a run; safe to call when there is none)."""
-    if dist.is_available() and dist.is_initialized():
-        # Let every rank finish its collectives first: tearing NCCL down under a peer that is still
-        # replaying a graph with an all-reduce in it can hang the peer.
+def teardown(timeout_s: float = 30.0) -> bool:
+    """Leave the process group at the end of a run (safe to call when there is none).
+
+    Every rank first finishes its collectives (a barrier), so no peer is torn down under one that
+    is still replaying a graph with an all-reduce in it. The teardown runs in a helper thread and is
+    given ``timeout_s``: on 2 × H200, NCCL's teardown after CUDA-graph replays was seen to hang.
+    Returns False when it did not finish; the caller may then end the process with ``os._exit``.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return True
+
+    def leave():
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         dist.barrier()
         dist.destroy_process_group()
+
+    import threading
+
+    worker = threading.Thread(target=leave, name="fxopt-teardown", daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+    if worker.is_alive():
+        import sys
+        print(f"fxopt: the process group did not shut down within {timeout_s:.0f} s; leaving it", file=sys.stderr)
+        return False
+    return True
+
+
+def exit_now(code: int = 0) -> None:
+    """End the process at once (after flushing stdout/stderr), skipping interpreter teardown: for
+    a rank whose process group would not shut down (see :func:`teardown`)."""
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

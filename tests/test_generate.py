@@ -123,3 +123,36 @@ def test_generate_needs_the_kv_cache_pass():
     compiled = fxopt.compile(tiny("llama"), passes=["canonicalize"])
     with pytest.raises(fxopt.GenerationError, match="needs the 'kv_cache' pass"):
         compiled.generate(torch.tensor([[1, 2, 3]]))
+
+
+@pytest.mark.parametrize("family", CAUSAL)
+def test_prefill_graph_computes_the_head_on_the_last_positions_only(family):
+    """compiled.prefill gathers one position per row before the LM head: its logits equal the
+    full forward's at those positions, and the head's matmul sees [B, 1, H]."""
+    import torch.fx as fx
+
+    compiled = fxopt.compile(tiny(family), max_batch_size=4, max_seq_len=48)
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, VOCAB, (3, 9), generator=gen)
+    pos = torch.arange(9).expand(3, -1)
+    last = torch.tensor([8, 2, 5])
+    want = compiled(input_ids=ids, position_ids=pos).logits[torch.arange(3), last]
+    got = compiled.prefill(ids, pos, last)
+    assert got.shape == (3, VOCAB)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    gm = compiled._prefill_gm
+    assert isinstance(gm, fx.GraphModule)
+    gathers = [n for n in gm.graph.nodes if n.target is torch.ops.aten.gather.default]
+    assert len(gathers) == 1 and [str(d) for d in gathers[0].meta["val"].shape][1:] == ["1", str(gathers[0].meta["val"].shape[2])]
+    # the weights and the KV cache are shared with the compiled graph, not copied
+    assert {id(p) for p in gm.parameters()} <= {id(p) for p in compiled.graph_module.parameters()}
+    assert {id(b) for b in gm.buffers()} <= {id(b) for b in compiled.graph_module.buffers()}
+
+
+def test_prefill_without_a_single_head_falls_back_to_all_logits():
+    compiled = fxopt.compile(tiny("llama"), max_batch_size=2, max_seq_len=32)
+    compiled._prefill_gm = None  # as for a graph whose head last_token_graph cannot find
+    ids = torch.randint(0, VOCAB, (2, 5))
+    pos = torch.arange(5).expand(2, -1)
+    want = compiled(input_ids=ids, position_ids=pos).logits[torch.arange(2), torch.tensor([4, 1])]
+    torch.testing.assert_close(compiled.prefill(ids, pos, torch.tensor([4, 1])), want)

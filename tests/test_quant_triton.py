@@ -13,9 +13,12 @@ of scales, extra bias entries), so a read past M, past K, past the last group or
 NaN too (NaN times a masked zero is still NaN). No NaN ever passes a comparison.
 
 Shapes are small and odd on purpose: in_features 99 (odd: a padding nibble with 4 bits), 100, 48
-and 576 (SmolLM2: 4.5 groups of 128), out_features 37, M = 1 (the GEMV branch), 3 (the decode
-kernel's dot branch) and 17 (the prefill kernel); groups of 32/64/128 (one scale per K block),
-the whole row, and 20/48 (groups straddling blocks: the scale-gather branch).
+and 576 (SmolLM2: 4.5 groups of 128), out_features 37, M = 1 (the FMA GEMV), 3 (the decode
+kernel's dot branch) and 17 (the prefill kernel); groups of 32/64/128 (power-of-two runs), the
+whole row, 20/48 (runs of 4/16 inside groups that straddle blocks) and 7 (runs of one feature: a
+4-bit byte may straddle two groups). Every decode knob (``DECODE_DEFAULTS``) is exercised, and the
+dequantize kernel must match ``quant.dequantize_weight`` bit for bit (bf16 too: the kernel rounds
+with integer ops in the interpreter, which truncates fp32 -> bf16 itself).
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from fxopt.kernels import quant_triton as qt
-from fxopt.kernels.quant import quant_linear_reference, quantize_weight
+from fxopt.kernels.quant import dequantize_weight, quant_linear_reference, quantize_weight
 
 pytestmark = pytest.mark.skipif(qt.triton is None, reason="triton is not installed")
 
@@ -40,9 +43,13 @@ NAN = float("nan")
 
 @pytest.fixture(autouse=True)
 def poisoned_partials(monkeypatch):
-    """Split-K partials start as NaN: the reduction must only read what the decode kernel wrote."""
+    """Split-K partials start as NaN: the reduction must only read what the decode kernel wrote.
+    After each test the fused reduction's arrival counters must be back at zero."""
     monkeypatch.setattr(qt, "_alloc_partials",
                         lambda shape, device: torch.full(shape, NAN, dtype=torch.float32, device=device))
+    yield
+    for counters in qt._COUNTERS.values():
+        assert int(counters.abs().sum()) == 0, "a fused split-K reduction left its counters set"
 
 
 def make_case(m, n, k, group, bits, dtype, bias=True, seed=0, lead=(), device=DEVICE):
@@ -95,8 +102,10 @@ CASES = [  # m, n, k, group, bias
     (1, 37, 576, 64, False),
     (3, 37, 99, 99, True),  # one group for the whole row
     (17, 37, 48, 48, False),
-    (1, 37, 100, 48, True),  # groups of 48 straddle the blocks: per-element scales
-    (3, 37, 99, 20, False),  # a group smaller than any block
+    (1, 37, 100, 48, True),  # groups of 48 straddle the blocks: scales per run of 16
+    (3, 37, 99, 20, False),  # a group smaller than any block (runs of 4)
+    (1, 37, 99, 7, True),  # odd groups: runs of one feature, 4-bit bytes straddling two groups
+    (3, 37, 100, 7, False),
     (17, 37, 99, 48, True),
 ]
 
@@ -118,10 +127,11 @@ def test_decode_split_k(m, bits, split_k):
     check(make_case(m, 37, k, group, bits, torch.float32, seed=split_k), group, bits, k, split_k=split_k)
 
 
-@pytest.mark.parametrize("path, m", [("decode", 17), ("decode", 64), ("prefill", 1), ("prefill", 3)])
+@pytest.mark.parametrize("path, m", [("decode", 17), ("decode", 64), ("prefill", 1), ("prefill", 3),
+                                     ("dequant", 1), ("dequant", 5)])
 @pytest.mark.parametrize("bits", [8, 4])
 def test_forced_path(path, m, bits):
-    """Either kernel is correct at any M it accepts (decode pads 17 rows to 32, 64 to 64)."""
+    """Every path is correct at any M it accepts (decode pads 17 rows to 32, 64 to 64)."""
     k, group = 100, 32
     check(make_case(m, 37, k, group, bits, torch.float16, seed=m), group, bits, k, path=path)
 
@@ -196,11 +206,146 @@ def test_cuda_impl_falls_back(bits):
     check((x, qweight, scales, bias), 32, bits, 99, op=qt._cuda_impl)
 
 
-@HYPOTHESIS
+# --------------------------------------------------------------------------------------------- #
+# Decode knobs, split-K reductions, plans
+# --------------------------------------------------------------------------------------------- #
+
+GEMV_CONFIGS = [  # M = 1
+    dict(block_k=64),  # the defaults otherwise: runs of 16, native conversion
+    dict(magic=True, sub_k=1, block_k=32, num_stages=1),  # a scale per weight, straight to registers
+    dict(magic=True, sub_k=2, block_k=128, block_n=8, num_stages=2),  # int4: one byte a run
+    dict(magic=False, sub_k=64, block_k=256, block_n=4, num_warps=2),  # blocks wider than the groups
+    dict(dot=True, block_k=64, block_n=32),  # M = 1 on the tensor-core kernel
+]
+DOT_CONFIGS = [  # M > 1
+    dict(block_k=32, block_n=16),  # every K block inside one group: the scale multiplies the dot
+    dict(block_k=128, block_n=32, num_stages=2),  # blocks wider than the group: scaled weights
+]
+
+
+@pytest.mark.parametrize("k, group", [(99, 32), (576, 64), (100, 20), (99, 7)])
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("m, config", [(1, c) for c in GEMV_CONFIGS] + [(3, c) for c in DOT_CONFIGS])
+def test_decode_configs(m, config, bits, k, group):
+    """Each decode tile knob against the reference: FMA or tensor cores, the magic conversion, run
+    lengths from one weight to wider than the group, K blocks inside or across groups."""
+    dtype = torch.float16 if config.get("dot") or m > 1 else torch.float32
+    check(make_case(m, 37, k, group, bits, dtype, seed=k + group + m), group, bits, k, config=config)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("m, config", [(1, dict(block_k=32)), (1, dict(block_k=32, magic=True, num_stages=1)),
+                                       (3, dict(block_k=32)), (1, dict(block_k=32, dot=True))])
+def test_fused_reduce(m, config, bits, monkeypatch):
+    """Split-K summed by the last program to arrive: correct (bias included), the counters reset
+    (checked after every test), the same bits on a second run; and the reduce kernel stands in when
+    the counters cannot be allocated (during a CUDA-graph capture)."""
+    k, group = 576, 64  # 18 blocks of 32
+    case = make_case(m, 37, k, group, bits, torch.float32, seed=bits + m)
+    config = dict(config, fused_reduce=True)
+    first = check(case, group, bits, k, split_k=5, config=config)
+    assert qt._COUNTERS, "the fused reduction did not run"
+    again = qt.quant_linear_triton(*case, group, bits, k, split_k=5, config=config)
+    assert torch.equal(first, again)
+    monkeypatch.setattr(qt, "_split_counters", lambda device, n: None)
+    check(case, group, bits, k, split_k=5, config=config)
+
+
+def test_decode_plan():
+    cpu = torch.device("cpu")  # 4 notional SMs
+    plan = qt.decode_plan(1, 4096, 4096, 128, cpu, bits=8)
+    assert plan["block_m"] == 1 and plan["sub"] == min(qt.DECODE_DEFAULTS["sub_k"], 128) and plan["split_k"] == 1
+    assert qt.decode_plan(1, 37, 100, 48, cpu, config=dict(sub_k=64))["sub"] == 16  # 48 = 3 x 16
+    assert qt.decode_plan(1, 37, 99, 7, cpu)["sub"] == 1
+    whole = qt.decode_plan(1, 37, 99, 99, cpu, config=dict(sub_k=256, block_k=64))
+    assert whole["group"] == qt.WHOLE_ROW and whole["sub"] == 64 and whole["block_k"] == 64
+    dot = qt.decode_plan(3, 37, 576, 128, cpu, config=dict(block_k=256, block_n=8))
+    assert dot["block_m"] == 16 and dot["sub"] == 128 and dot["block_n"] == 16  # tl.dot's minimum
+    assert qt.decode_plan(1, 37, 99, 32, cpu, config=dict(dot=True))["block_m"] == 16
+    # Splits: rounded to the waves' program count, never more than K has blocks (two each).
+    assert qt.decode_split_k(n_blocks=2, k_blocks=100, waves=2, device=cpu) == 4
+    assert qt.decode_split_k(n_blocks=5, k_blocks=100, waves=2, device=cpu) == 2  # 8 / 5 rounds to 2
+    assert qt.decode_split_k(n_blocks=7, k_blocks=100, waves=2, device=cpu) == 1
+    assert qt.decode_split_k(n_blocks=1, k_blocks=5, waves=2, device=cpu) == 2
+    assert qt.decode_split_k(n_blocks=1, k_blocks=100, waves=0, device=cpu) == 1
+    # The M buckets: the first entry that covers M, the last one beyond the table.
+    for bits, table in qt.DECODE_TILES.items():
+        assert qt.decode_tiles(1, bits) == {**qt.DECODE_DEFAULTS, **table[0][1]}
+        assert qt.decode_tiles(10 ** 6, bits) == {**qt.DECODE_DEFAULTS, **table[-1][1]}
+    with pytest.raises(ValueError, match="power of two"):
+        qt.decode_plan(1, 37, 99, 32, cpu, config=dict(block_k=100))
+    with pytest.raises(ValueError, match="unknown config keys"):
+        qt.decode_plan(1, 37, 99, 32, cpu, config=dict(block_q=16))
+
+
+# --------------------------------------------------------------------------------------------- #
+# Dequantize kernel and the dequantize + matmul path
+# --------------------------------------------------------------------------------------------- #
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("k, group, config", [
+    (99, 32, None), (576, 128, None), (100, 48, None), (99, 7, dict(block_k=32)), (99, 99, None), (1, 128, None),
+    (576, 64, dict(block_n=8, block_k=512, num_warps=2)),
+])
+def test_dequantize_bit_exact(k, group, config, bits, dtype):
+    """dequantize_triton == quant.dequantize_weight bit for bit: ragged K, odd K with 4 bits, odd
+    groups, one group for the row; strided weight rows and NaN-poisoned scales and output."""
+    _, qweight, scales, _ = make_case(1, 37, k, group, bits, dtype, seed=k + group)
+    expected = dequantize_weight(qweight, scales, group, bits, k, dtype)
+    out = torch.full((37, k), NAN, dtype=dtype, device=DEVICE)
+    got = qt.dequantize_triton(qweight, scales, group, bits, k, dtype, out=out, config=config)
+    assert got is out and not torch.isnan(got).any()
+    assert torch.equal(got, expected), (got.float() - expected.float()).abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_dequant_path_chunked(bits, dtype, monkeypatch):
+    """path="dequant" in row chunks (a small DEQUANT_MAX_NUMEL: 8 chunks of 5 rows), with bias and
+    leading dims; and the automatic choice of the path by M."""
+    k, group = 99, 32
+    monkeypatch.setattr(qt, "DEQUANT_MAX_NUMEL", 5 * k)
+    check(make_case(4, 37, k, group, bits, dtype, lead=(2,)), group, bits, k, path="dequant")
+    calls = []
+    dequant_linear = qt._dequant_linear
+    monkeypatch.setattr(qt, "_dequant_linear", lambda *a: calls.append(a) or dequant_linear(*a))
+    monkeypatch.setattr(qt, "DECODE_MAX_M", 16)
+    monkeypatch.setattr(qt, "DEQUANT_MIN_M", 20)
+    check(make_case(19, 37, k, group, bits, dtype), group, bits, k)  # prefill
+    assert not calls
+    check(make_case(20, 37, k, group, bits, dtype), group, bits, k)
+    assert len(calls) == 1
+
+
+def test_default_path(monkeypatch):
+    assert qt.default_path(1) == qt.default_path(qt.DECODE_MAX_M) == "decode"
+    assert qt.default_path(qt.DEQUANT_MIN_M) == qt.default_path(10 ** 6) == "dequant"
+    monkeypatch.setattr(qt, "DECODE_MAX_M", 16)
+    monkeypatch.setattr(qt, "DEQUANT_MIN_M", 128)
+    assert qt.default_path(17) == qt.default_path(127) == "prefill"
+    assert qt.default_path(128) == "dequant"
+    case = make_case(2, 8, 32, 32, 8, torch.float32)
+    with pytest.raises(ValueError, match="path must be"):
+        qt.quant_linear_triton(*case, 32, 8, 32, path="gemv")
+
+
+# Random shapes, paths and decode knobs. Decode configs are drawn whole (tile, run length,
+# conversion, stages, dot, fused reduction) and only passed where the decode kernel runs.
+DECODE_CONFIG = st.fixed_dictionaries({}, optional=dict(
+    block_n=st.sampled_from([4, 16, 32]), block_k=st.sampled_from([16, 32, 128]), sub_k=st.sampled_from([1, 4, 16]),
+    magic=st.booleans(), dot=st.booleans(), num_stages=st.sampled_from([1, 2]), fused_reduce=st.booleans()))
+
+
+@settings(HYPOTHESIS, max_examples=40)
 @given(m=st.integers(1, 20), n=st.integers(1, 40), k=st.integers(1, 160), bits=st.sampled_from([8, 4]),
-       group=st.sampled_from([16, 32, 64, 7, 48, 1000]), bias=st.booleans(), seed=st.integers(0, 2 ** 16))
-def test_hypothesis(m, n, k, bits, group, bias, seed):
-    check(make_case(m, n, k, group, bits, torch.float32, bias, seed=seed), group, bits, k)
+       group=st.sampled_from([16, 32, 64, 7, 48, 20, 1000]), bias=st.booleans(), seed=st.integers(0, 2 ** 16),
+       path=st.sampled_from([None, "decode", "prefill", "dequant"]), config=DECODE_CONFIG,
+       split_k=st.sampled_from([None, 1, 2, 5]))
+def test_hypothesis(m, n, k, bits, group, bias, seed, path, config, split_k):
+    decode = path == "decode" or (path is None and m <= qt.DECODE_MAX_M)
+    kw = dict(config=config, split_k=split_k) if decode else {}
+    check(make_case(m, n, k, group, bits, torch.float32, bias, seed=seed), group, bits, k, path=path, **kw)
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -214,10 +359,11 @@ def test_hypothesis(m, n, k, bits, group, bias, seed):
     (1, 4096, 4096, 128, False),  # llama2-7b q/k/v/o decode
     (8, 11008, 4096, 128, False),  # gate/up, batched decode
     (16, 4096, 11008, 128, True),  # down, the last decode M
-    (17, 4096, 4096, 128, False),  # the first prefill M
-    (300, 1536, 576, 128, True),  # SmolLM2 (576 = 4.5 groups), prefill
+    (17, 4096, 4096, 128, False),  # the first fused-prefill M
+    (300, 1536, 576, 128, True),  # SmolLM2 (576 = 4.5 groups), dequantize + cuBLAS
     (1, 576, 1536, 64, False),
-    (5, 37, 99, 48, True),  # odd everything, scale gather
+    (5, 37, 99, 48, True),  # odd everything, runs of 16
+    (3, 37, 99, 7, True),  # runs of one feature
     (129, 37, 99, 99, True),
 ])
 def test_gpu_registered_op(m, n, k, group, bias, bits, dtype):
@@ -227,19 +373,41 @@ def test_gpu_registered_op(m, n, k, group, bias, bits, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("bits", [8, 4])
-@pytest.mark.parametrize("path, m", [("decode", 32), ("decode", 64), ("prefill", 1), ("prefill", 2048)])
+@pytest.mark.parametrize("path, m", [("decode", 32), ("decode", 64), ("prefill", 1), ("prefill", 2048),
+                                     ("dequant", 1), ("dequant", 2048)])
 def test_gpu_paths_bf16(path, m, bits):
-    """Both kernels at the M where the other is the default, in bf16 (compiled tl.dot)."""
+    """Every path at the M where another is the default, in bf16 (compiled tl.dot)."""
     check(make_case(m, 4096, 4096, 128, bits, torch.bfloat16, device="cuda"), 128, bits, 4096, path=path)
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("bits", [8, 4])
-@pytest.mark.parametrize("m", [1, 8])
-def test_gpu_decode_in_cuda_graph(m, bits):
-    """No host sync: decode (with split-K and its reduction) captures, and replays follow new x
-    written in place."""
+@pytest.mark.parametrize("m, config", [
+    (1, dict(magic=True)), (1, dict(magic=False, num_stages=1)), (1, dict(sub_k=128, block_k=1024)),
+    (1, dict(dot=True, block_n=64, block_k=128)), (1, dict(block_n=64, block_k=256, fused_reduce=True)),
+    (4, dict(block_n=64, block_k=256)), (8, dict(block_n=32, block_k=128, fused_reduce=True)),
+    (16, dict(block_n=128, block_k=64, num_warps=8, waves=0)),
+])
+def test_gpu_decode_configs(m, config, bits, dtype):
+    """Decode knobs compiled for the GPU (tl.dot in bf16, cp.async pipelining, the fused split-K
+    reduction with real atomics), at llama shapes."""
+    for n, k in ((4096, 4096), (11008, 4096), (4096, 11008)):
+        check(make_case(m, n, k, 128, bits, dtype, device="cuda"), 128, bits, k, config=config)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("m, fused", [(1, False), (8, False), (8, True), (8, "capture first")])
+def test_gpu_decode_in_cuda_graph(m, fused, bits, monkeypatch):
+    """No host sync: decode (with split-K and its reduction: a second kernel, or the fused one;
+    with counters allocated at warm-up, or first needed during the capture, where the second
+    kernel stands in) captures, and replays follow new x written in place."""
     qt.register()
+    if fused:
+        for _, tiles in qt.DECODE_TILES[bits]:
+            monkeypatch.setitem(tiles, "fused_reduce", True)
+    monkeypatch.setattr(qt, "_COUNTERS", {})
     k, n, group, dtype = 4096, 4096, 128, torch.bfloat16
     x, qweight, scales, bias = make_case(m, n, k, group, bits, dtype, device="cuda")
     x = x.contiguous()
@@ -249,6 +417,8 @@ def test_gpu_decode_in_cuda_graph(m, bits):
     with torch.cuda.stream(stream):  # warm up (compiles) off the capture
         op(x, qweight, scales, bias, group, bits, k)
     torch.cuda.current_stream().wait_stream(stream)
+    if fused == "capture first":
+        qt._COUNTERS.clear()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = op(x, qweight, scales, bias, group, bits, k)

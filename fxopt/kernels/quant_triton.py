@@ -4,65 +4,98 @@
 
 x is viewed as ``[M, K]`` (leading dims flattened, ``K = in_features``), the weight is ``[N, K]``
 (``N = out_features``) stored as int8 (``bits=8``) or two 4-bit values a byte (``bits=4``), with one
-scale per (row, group of ``group_size`` input features). Two kernels, picked by M:
+scale per (row, group of ``group_size`` input features). Three paths, picked by M:
 
 Decode (``M <= DECODE_MAX_M``): a GEMV / skinny GEMM, bound by the weight bytes.
-    Grid ``(cdiv(N, BLOCK_N), SPLIT_K)``. A program owns ``BLOCK_N`` output features and a
-    contiguous ``1 / SPLIT_K`` share of K, and *all* M rows of x: each weight byte is read from
-    memory exactly once, by one program, dequantized in registers with its group's scale and
-    used for every row. x is tiny and read by every program (from L2). With ``M == 1`` the
-    program accumulates ``w * x`` elementwise in an fp32 ``[BLOCK_N, BLOCK_K]`` tile and sums it
-    once at the end (no tensor cores: a dot would waste 15 of its 16 rows); with ``M > 1`` the
-    x block is padded to 16 rows (``tl.dot``'s minimum) and the tile goes through ``tl.dot``.
-    At decode shapes ``N / BLOCK_N`` programs alone may not fill the GPU (4096 outputs in blocks
-    of 32 are 128 programs for 132 SMs), so K is split until there are about ``DECODE_WAVES``
-    programs per SM. Split-K writes fp32 partials ``[SPLIT_K, M, N]`` and a second, tiny kernel
-    sums them in a fixed order and adds the bias: no atomics, so the result is deterministic and
-    the output needs no zeroing. The split count comes from shapes only, never from data.
+    Grid ``(cdiv(N, BLOCK_N), SPLIT_K)``. A program owns ``BLOCK_N`` output features, a contiguous
+    share of K and *all* M rows of x: each weight byte is read from memory exactly once. Reaching
+    the memory bandwidth (~4.3 TB/s on an H200: ~16 bytes per SM per clock) takes two things:
 
-Prefill (``M > DECODE_MAX_M``): a tiled GEMM, bound by the tensor cores.
-    Grid ``cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N)`` in grouped order (``GROUP_M`` row blocks sweep
-    the columns together, so a weight tile is reused from L2 by several row blocks). Each K step
-    loads an x tile and an int8/int4 weight tile, dequantizes the weight tile in registers into
-    the activation dtype (fp16/bf16; fp32 for fp32 models) and feeds both to ``tl.dot`` with an
-    fp32 accumulator. The weight is streamed at 1 or 0.5 bytes an element instead of 2, and no
-    dequantized copy of it ever exists in memory (the reference materializes one per call).
+    * Bytes in flight: about 3 MiB GPU-wide (bandwidth x latency). The old 32 x 128 int8 tile (4 KiB
+      a step, loads straight to registers, 2 programs an SM) kept far less. Now the K loop is a
+      ``tl.range(..., num_stages)``, which makes Triton stream the weight tiles through shared
+      memory with cp.async ``num_stages - 1`` steps ahead (without it Triton pipelines only loads
+      that feed a ``tl.dot``), and ``BLOCK_K`` is no longer tied to the group: the M = 1 default is
+      16 x 512 int8 = 8 KiB a step, three stages. All programs together then hold roughly
+      ``N x BLOCK_K x (num_stages - 1)`` bytes in flight; ``BLOCK_N`` trades program count against
+      x re-reads from L2.
+    * Few instructions per weight. The SM issues 128 thread-instructions a clock, i.e. ~8 per
+      int8 and ~4 per int4 weight at full bandwidth, and int -> float conversion (I2F) runs at a
+      quarter rate, ~16 a clock: one per int8 weight is already the whole budget. From the sm_90
+      SASS of Triton 3.9 (loop instructions per weight, see benchmarks/quant_sweep.py to measure):
+      - scales apply per *run*, not per weight: the block is summed in runs of ``SUB`` features that
+        lie inside one group (``tl.sum`` of a ``[BLOCK_N, BLOCK_K // SUB, SUB]`` view) and each run
+        sum is multiplied by its scale: ~1.5 floating-point instructions a weight (the product
+        and Triton's in-thread add tree) instead of a scale multiply plus an FMA;
+      - ``magic``: int -> float without I2F: a byte OR-ed into the mantissa of 2**23 is
+        2**23 + byte exactly, so one LOP3 and one FADD give the value (int8: ~5.4 instructions a
+        weight, all full-rate, against ~4.2 with one I2F each; the sweep decides);
+      - 4 bits: the low and high nibbles multiply the even and odd features of x (split once per
+        block, shared by all rows) with no interleave of the weights, and the high nibble is taken
+        in place (``byte & 0xF0`` is 16 x nibble; x's odd features are divided by 16 instead):
+        ~5.5 instructions a weight, from ~10 before;
+      - M > 1 pads x to 16 rows (``tl.dot``'s minimum) and uses the tensor cores: the CUDA cores
+        only convert (Triton's own int8 -> bf16 is a packed magic-number sequence, ~2 a weight;
+        nibbles go to fp16 / bf16 by a 16-bit magic number, and meet x's even / odd features in
+        two half-width dots). When a K block lies in one group, the integer weights (exact in
+        fp16 / bf16) go to the dot as they are and the scale multiplies the ``[M, BLOCK_N]`` result;
+        wider blocks scale the weights first. ``dot=True`` runs M = 1 this way too.
+    Scales are loaded per run (``[BLOCK_N, BLOCK_K // SUB]``), so any BLOCK_K works with any group.
 
-Both share ``_dequant_tile``: a ``[BLOCK_N, BLOCK_K]`` weight tile → fp32. 4-bit tiles are loaded
-as ``BLOCK_K / 2`` bytes a row and split into low and high nibbles, then ``tl.interleave``'d back
-into feature order, so the rest of the kernel does not know how the weight was packed. Scales:
-when every K block lies inside one group (``group_size`` a multiple of ``BLOCK_K``, which the
-launcher arranges for power-of-two groups by shrinking ``BLOCK_K``, or one group for the whole row)
-the tile takes one scale per row, a ``[BLOCK_N]`` load; otherwise (groups like 48 or 100) each
-element gathers its own scale, a slower path kept for generality.
+    Split-K only when the N blocks alone leave SMs idle: ``waves`` programs per SM are aimed for and
+    the split count is ``round(waves * SMs / N blocks)`` (1 when there are enough). A split writes
+    fp32 partials ``[SPLIT_K, M, N]`` that are summed in split order, so results are deterministic
+    (no float atomics). The sum runs either in a second small kernel (``fused_reduce=False``) or in
+    the same launch: each program bumps an int32 arrival counter for its N block and the last to
+    arrive sums the partials (in split order, whoever is last) and resets the counter, saving a
+    launch (~2 us of a ~10 us layer). The counters live in one zeroed buffer per device, allocated
+    outside CUDA-graph capture; the fused reduction therefore assumes quant_linear launches on one
+    device do not overlap (one stream, as fxopt runs), and falls back to the kernel when the
+    buffer would first have to be allocated during a capture.
 
-Numerics: fp32 accumulation everywhere. The dot paths round the dequantized weight to the
-activation dtype before the product, exactly as the reference does (it dequantizes to ``x.dtype``
-and calls ``F.linear``). The ``M == 1`` path multiplies the fp32 dequantized weight directly: it
-skips two conversions per weight in an ALU-tight loop (4-bit) and is within one activation-dtype
-ulp per weight of the reference, i.e. at least as accurate. The bias is rounded to ``x.dtype``
-(as the reference's ``bias.to(x.dtype)``) and added to the fp32 accumulator before the one final
-rounding.
+    Tile settings come from ``DECODE_TILES`` (per bit width, per M bucket); ``decode_plan`` shows
+    what a launch will use. ``benchmarks/quant_sweep.py`` measures the alternatives on a GPU.
+
+Prefill, mid M (``DECODE_MAX_M < M < DEQUANT_MIN_M``; an empty range with the measured constants,
+so only ``path="prefill"`` runs it): a fused tiled GEMM.
+    Grid ``cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N)`` in grouped order (``GROUP_M`` row blocks sweep the
+    columns together, so a weight tile is reused from L2). Each K step loads an x tile and a weight
+    tile, dequantizes the weights in registers, rounds them to the activation dtype exactly as the
+    reference does and feeds ``tl.dot`` (fp32 accumulation). It reads 1 or 0.5 bytes a weight.
+
+Prefill, large M (``M >= DEQUANT_MIN_M``): dequantize + cuBLAS.
+    Tensor-core throughput decides here, and cuBLAS runs ~2.9x faster than the fused kernel (668
+    vs 232 TFLOP/s for 2048 x 4096 x 11008 in bf16 on an H200), while dequantizing into a
+    temporary costs about one memory pass (~40 us for 4096 x 11008: 1 byte read, 2 written a
+    weight). ``_dequant_kernel`` writes the ``[N, K]`` weight in ``x.dtype`` (bit-identical to
+    ``quant.dequantize_weight``) and ``torch.addmm`` does the rest. Weights above
+    ``DEQUANT_MAX_NUMEL`` elements are done in row chunks to bound the temporary.
+
+Numerics: fp32 accumulation everywhere. The prefill GEMM and the dequantize path round the
+dequantized weight to the activation dtype, as the reference (the dequantize path matches it
+bit for bit). The decode paths do not round the weight: ``q * x`` is exact in fp32 and the scale
+multiplies fp32 sums, so they are within one activation-dtype ulp per weight of the reference and
+at least as accurate. The bias is rounded to ``x.dtype`` (as the reference's ``bias.to(x.dtype)``)
+and added to the fp32 accumulator before the one final rounding.
 
 Ragged shapes: every load is masked, so ``K`` need not divide by the block or the group (the last
-group may be shorter: SmolLM2's 576 = 4.5 × 128), ``K`` may be odd with 4 bits (the last byte's
-high nibble is padding), ``N`` and ``M`` need not divide by their blocks. Out-of-range x reads
-come back 0 and weights stay finite there, so padding contributes exactly 0.
+group may be shorter: SmolLM2's 576 = 4.5 x 128), ``K`` may be odd with 4 bits (the last byte's
+high nibble is padding), ``N`` and ``M`` need not divide by their blocks. Out-of-range x reads come
+back 0 and weights stay finite there, so padding contributes exactly 0. Groups: a run is the longest
+power of two dividing the group (128 -> 128, 48 -> 16, 100 -> 4, 7 -> 1: every weight scaled on its
+own, the slow general case), or anything for one group spanning the whole row.
 
-CUDA graphs: the launchers allocate only their output (and the split-K partials), never sync with
-the host and pick grids and split counts from shapes alone, so they can be captured.
+CUDA graphs: the launchers allocate only their output, the split-K partials and the dequantized
+weight, never sync with the host and pick grids, paths and split counts from shapes alone.
 
 CPU: under ``TRITON_INTERPRET=1`` (set before this module is imported) the launchers run on CPU
 tensors, which is how the tests exercise them. The interpreter gets ``tl.dot`` in bf16 wrong, so
 test there in fp32/fp16.
-
-The tile sizes below are reasoned defaults, not yet measured: ``benchmark(sweep=True)`` on a GPU
-prints the best decode configurations, and ``DECODE_MAX_M`` should follow ``benchmark()``'s
-decode-vs-prefill columns at M = 8 and 32.
 """
 from __future__ import annotations
 
 import functools
+import itertools
 
 import torch
 from torch import Tensor
@@ -71,28 +104,79 @@ from .quant import n_groups, quant_linear, quant_linear_reference
 
 from .triton_env import INTERPRET, jit as _jit, tl, triton
 
+
+def _jit_kernel(*generic: str):
+    """``triton.jit`` for a kernel whose integer arguments ``generic`` are not specialized (Triton
+    compiles a variant per "== 1" and "divisible by 16" otherwise): the row count and split count
+    vary at run time, and scale strides (groups a row: 32 for K = 4096, 86 for 11008) would double
+    the compilations for no gain (scales are read one element at a time)."""
+    if triton is None:
+        return lambda fn: fn
+    return lambda fn: triton.jit(fn, do_not_specialize=generic)
+
+
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
-# Rows of x (leading dims flattened) up to which the decode kernel runs. Below it the op is bound by
-# the weight bytes and the decode kernel reads them once with a grid that fills the GPU; above it
-# the prefill kernel's big tiles reuse each weight tile for BLOCK_M rows on the tensor cores. Batched
-# decode (M = 32, 64) sits in between: the decode kernel accepts up to MAX_DECODE_BLOCK_M rows
-# (``path="decode"``) so that benchmark() can compare the two there.
-DECODE_MAX_M = 16
+# --------------------------------------------------------------------------------------------- #
+# Paths and tile settings (the values to revisit after benchmarks/quant_sweep.py on a GPU)
+# --------------------------------------------------------------------------------------------- #
+
+# Rows of x (leading dims flattened) up to which the decode kernel runs: there the op is bound by the
+# weight bytes. The decode kernel also accepts up to MAX_DECODE_BLOCK_M rows when asked
+# (``path="decode"``), so that benchmarks can compare it with the prefill kernel there.
+# Measured (quant_sweep.py, H200, bf16, llama2-7b shapes, 2026-11-27): at M = 32 the decode kernel
+# still beats the other paths (14.8 us vs 23.6 dequant vs 43.4 fused GEMM for 4096 x 4096 int8).
+DECODE_MAX_M = 32
 MAX_DECODE_BLOCK_M = 64
 
-# Decode: a BLOCK_N x BLOCK_K int8 tile is 4 KiB, 32 bytes per thread of 4 warps per step (two
-# 16-byte loads), software-pipelined NUM_STAGES deep: roughly the bytes in flight an SM needs to
-# cover memory latency at 1-2 programs per SM. A split must own at least MIN_BLOCKS_PER_SPLIT K
-# blocks, or the partials and the second launch cost more than the occupancy gains.
-DECODE_BLOCK_N = 32
-DECODE_BLOCK_K = 128
-DECODE_NUM_WARPS = 4
-DECODE_NUM_STAGES = 3
-DECODE_WAVES = 2  # decode programs to aim for, per SM (the split count follows from it)
-DECODE_MIN_BLOCKS_PER_SPLIT = 2
+# From this M on, prefill dequantizes the weight (~13 us for 4096 x 4096 at ~3.9 TB/s) and calls
+# cuBLAS. Measured with DECODE_MAX_M above: dequant + cuBLAS beat the fused Triton GEMM at every M
+# from 64 to 2048 (e.g. 258.7 vs 890.8 us at M = 2048 for 4096 x 11008), so it takes over right after
+# the decode kernel; the fused GEMM stays for path="prefill" (and as the reference design).
+DEQUANT_MIN_M = DECODE_MAX_M + 1
+# The dequantized temporary is at most this many elements (256 MiB in bf16); bigger weights (a
+# 128k-vocab head) are dequantized and multiplied in chunks of rows.
+DEQUANT_MAX_NUMEL = 1 << 27
 
-# Prefill: the usual Hopper bf16 GEMM tile (128 x 128 x 64, 8 warps), grouped 8 row blocks deep.
+# Decode tile settings. Keys:
+#   block_n, block_k   the tile: BLOCK_N output features x BLOCK_K input features per step
+#   num_warps
+#   num_stages         weight tiles in flight through shared memory (cp.async); 1: straight to registers
+#   sub_k              M = 1 FMA path: features per partial sum (capped by the group's run, see _runs)
+#   magic              M = 1 FMA path: int -> float by the 2**23 mantissa trick instead of I2F
+#                      (I2F is quarter-rate, ~16 a clock an SM: what int8 needs at full bandwidth)
+#   dot                M = 1: use the tensor-core kernel (x padded to 16 rows) instead of the FMA one
+#   waves              programs per SM to aim for; K is split when the N blocks are fewer
+#   fused_reduce       split-K partials summed by the last-arriving program (no second launch)
+DECODE_DEFAULTS = dict(block_n=16, block_k=512, num_warps=4, num_stages=3, sub_k=16, magic=False, dot=False,
+                       waves=2, fused_reduce=False)
+# Per bit width: (largest M, overrides of DECODE_DEFAULTS) in increasing M; the first entry whose M
+# bound is >= the launch's M applies (the last one beyond). Reasoned from sm_90 SASS (instructions a
+# weight) and bytes in flight, not yet measured -- benchmarks/quant_sweep.py prints a replacement:
+#   M = 1: 16 x 512 int8 = 8 KiB a step, 3 stages: with N = 4096 that is 256 programs (no split)
+#   and ~4-6 MiB in flight GPU-wide, what the bandwidth x latency product asks for. int4 takes twice
+#   the features for the same bytes and the magic conversion (two I2F a byte would be the limit).
+#   M > 1: tensor cores, K blocks of one group (the scale multiplies the dot's result). x is re-read
+#   from L2 by every N block, 2M / BLOCK_N bytes per int8 weight byte, so BLOCK_N grows with M and
+#   split-K restores the program count.
+DECODE_TILES = {  # from benchmarks/quant_sweep.py on an H200, bf16, group 128, 2026-11-27
+    8: (
+        (1, dict(block_k=1024, block_n=8, magic=True, num_stages=2)),  # 1.01x of each point's best
+        (8, dict(block_k=128, block_n=64)),  # 1.03x
+        (MAX_DECODE_BLOCK_M, dict(block_k=128, block_n=64)),  # 1.03x (fused_reduce: another 2 %, left off)
+    ),
+    4: (
+        (1, dict(block_k=2048, block_n=8, magic=True, num_stages=1)),  # 1.01x
+        (8, dict(block_k=128, block_n=128)),  # 1.00x
+        (MAX_DECODE_BLOCK_M, dict(block_k=128, block_n=128)),  # 1.02x
+    ),
+}
+# A split must own at least this many K blocks, or the partials cost more than the occupancy gains.
+DECODE_MIN_BLOCKS_PER_SPLIT = 2
+REDUCE_BLOCK_N = 256
+
+# Prefill (fused GEMM): the usual Hopper bf16 GEMM tile (128 x 128 x 64, 8 warps), grouped 8 row
+# blocks deep.
 PREFILL_BLOCK_M = 128
 PREFILL_BLOCK_N = 128
 PREFILL_BLOCK_K = 64
@@ -103,7 +187,10 @@ PREFILL_NUM_STAGES = 3
 # stages of 128 x 64 of them plus the dequantized tile would crowd the shared memory.
 PREFILL_BLOCK_K_FP32 = 32
 
-REDUCE_BLOCK_N = 256
+# Dequantize kernel: 32 x 256 weights a program (16 KiB written in bf16), a streaming copy.
+DEQUANT_BLOCK_N = 32
+DEQUANT_BLOCK_K = 256
+DEQUANT_NUM_WARPS = 4
 
 # One group spanning the whole row (group_size >= K): passed to the kernels as this constant so
 # that every layer shares one compilation (k // WHOLE_ROW is 0 for any k).
@@ -112,44 +199,205 @@ WHOLE_ROW = 1 << 30
 # tl.dot wants at least 16 along every dimension.
 MIN_DOT = 16
 
+# 2**23 as fp32 bits, and the biases the MAGIC conversions take off again.
+# (tl.constexpr: the only globals a kernel may read.)
+_MAGIC_BITS = tl.constexpr(0x4B000000)
+_MAGIC_INT8 = tl.constexpr(8388736.0)  # 2**23 + 128: an int8 q with its sign bit flipped reads q + 128
+_MAGIC_INT4 = tl.constexpr(8388616.0)  # 2**23 + 8: a nibble holds q + 8
+
 
 # --------------------------------------------------------------------------------------------- #
-# Kernels
+# Kernels: building blocks
 # --------------------------------------------------------------------------------------------- #
 
 @_jit
-def _dequant_tile(
-    QW, SC, offs_n, k0, N, K, stride_qn, stride_sn,
-    GROUP_SIZE: tl.constexpr, BITS: tl.constexpr, SCALE_PER_BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """Weights of rows ``offs_n``, features ``k0 .. k0 + BLOCK_K``, dequantized: fp32 [BLOCK_N, BLOCK_K].
+def _int8_to_f32(q, MAGIC: tl.constexpr):
+    """int8 values -> fp32 (exact)."""
+    if MAGIC:
+        # The byte with its sign bit flipped (q + 128, 0..255) OR-ed into the mantissa of 2**23 is
+        # 2**23 + q + 128 exactly: one LOP3 (xor and or in one) and one FADD, no conversion unit.
+        bits = q.to(tl.uint8, bitcast=True).to(tl.int32) ^ (_MAGIC_BITS | 0x80)
+        return bits.to(tl.float32, bitcast=True) - _MAGIC_INT8
+    else:
+        return q.to(tl.float32)
 
-    Rows past N come out 0; features past K come out finite (0, or a padding nibble times a real
-    scale), which the caller's zero x makes harmless. ``k0`` is a multiple of BLOCK_K (even)."""
-    mask_n = offs_n < N
-    rows = offs_n.to(tl.int64)  # int64: row * stride passes 2**31 for a 256k-vocab lm_head
-    offs_k = k0 + tl.arange(0, BLOCK_K)
+
+@_jit
+def _nibbles_to_f32(packed, MAGIC: tl.constexpr, HIGH_X16: tl.constexpr = False):
+    """uint8 bytes -> (low nibbles, high nibbles) as fp32 q = nibble - 8 (exact).
+
+    HIGH_X16 (with MAGIC) leaves the high nibble in place, so the second value is 16 * q: one LOP3
+    a nibble, no shift; the caller divides its x by 16 instead (exact)."""
+    p = packed.to(tl.int32)  # 0..255: no sign games in the shifts
+    if MAGIC:
+        lo = ((p & 0xF) | _MAGIC_BITS).to(tl.float32, bitcast=True) - _MAGIC_INT4
+        if HIGH_X16:
+            hi = ((p & 0xF0) | _MAGIC_BITS).to(tl.float32, bitcast=True) - _MAGIC_INT8  # 2**23 + 16 * 8
+        else:
+            hi = ((p >> 4) | _MAGIC_BITS).to(tl.float32, bitcast=True) - _MAGIC_INT4
+    else:
+        lo = ((p & 0xF) - 8).to(tl.float32)
+        hi = ((p >> 4) - 8).to(tl.float32)
+    return lo, hi
+
+
+@_jit
+def _nibbles_as(packed, DT: tl.constexpr):
+    """uint8 bytes -> (low, high) nibbles as q = nibble - 8 in dtype DT (exact), for ``tl.dot``.
+
+    fp16 / bf16: the nibble OR-ed into the mantissa of 1024 (fp16) or 128 (bf16) is 1024 + nibble /
+    128 + nibble exactly; one 16-bit subtraction (two a packed instruction) takes the bias off."""
+    p = packed.to(tl.int32)
+    if DT == tl.float16:
+        lo = ((p & 0xF) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - 1032.0  # 1024 + 8
+        hi = ((p >> 4) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - 1032.0
+    elif DT == tl.bfloat16:
+        lo = ((p & 0xF) | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True) - 136.0  # 128 + 8
+        hi = ((p >> 4) | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True) - 136.0
+    else:
+        lo, hi = _nibbles_to_f32(packed, True)
+    return lo, hi
+
+
+@_jit
+def _load_weight_bytes(QW, rows, mask_n, b0, row_bytes, stride_qn, WIDTH: tl.constexpr, OTHER: tl.constexpr):
+    """Bytes ``b0 .. b0 + WIDTH`` of weight rows ``rows``: [BLOCK_N, WIDTH], OTHER past N or the row.
+
+    ``row_bytes`` comes from the host (not ``(K + 1) // 2``) so that Triton sees its divisibility
+    and keeps the 16-byte vector loads; weights are read once, so they go first out of L2."""
+    offs_b = b0 + tl.arange(0, WIDTH)
+    return tl.load(QW + rows[:, None] * stride_qn + offs_b[None, :],
+                   mask=mask_n[:, None] & (offs_b < row_bytes)[None, :], other=OTHER, eviction_policy="evict_first")
+
+
+@_jit
+def _weight_tile(QW, rows, mask_n, k0, row_bytes, stride_qn,
+                 BITS: tl.constexpr, BLOCK_K: tl.constexpr, MAGIC: tl.constexpr):
+    """Integer weights of rows ``rows``, features ``k0 .. k0 + BLOCK_K``, as fp32 [BLOCK_N, BLOCK_K]
+    in feature order (unscaled). Past N or past the row the bytes read 0 (a 4-bit q of -8): finite,
+    which the caller's zero scales, zero x or masked store make harmless. (0, not 0x88: masked
+    cp.async copies zero-fill, any other value costs a select a byte.) ``k0`` is even."""
     if BITS == 8:
-        q = tl.load(QW + rows[:, None] * stride_qn + offs_k[None, :],
-                    mask=mask_n[:, None] & (offs_k < K)[None, :], other=0).to(tl.float32)
+        return _int8_to_f32(_load_weight_bytes(QW, rows, mask_n, k0, row_bytes, stride_qn, BLOCK_K, 0), MAGIC)
     else:
-        # Byte j holds features 2j (low nibble) and 2j+1 (high), each stored as q + 8. Load the
-        # bytes once and split them in registers, rather than load each byte twice at k // 2.
-        offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-        packed = tl.load(QW + rows[:, None] * stride_qn + offs_b[None, :],
-                         mask=mask_n[:, None] & (2 * offs_b < K)[None, :], other=0x88)  # 0x88: two zeros
-        packed = packed.to(tl.int32)  # 0..255: no sign games in the shifts
-        q = tl.interleave((packed & 0xF) - 8, (packed >> 4) - 8).to(tl.float32)
-    if SCALE_PER_BLOCK:
-        # The whole block lies in one group: one scale a row.
-        s = tl.load(SC + rows * stride_sn + k0 // GROUP_SIZE, mask=mask_n, other=0.0).to(tl.float32)
-        w = q * s[:, None]
+        # Byte j holds features 2j (low nibble) and 2j + 1 (high): load the bytes once, split them
+        # in registers and interleave back into feature order.
+        packed = _load_weight_bytes(QW, rows, mask_n, k0 // 2, row_bytes, stride_qn, BLOCK_K // 2, 0)
+        lo, hi = _nibbles_to_f32(packed, MAGIC)
+        return tl.interleave(lo, hi)
+
+
+@_jit
+def _run_scales(SC, rows, mask_n, k0, K, stride_sn,
+                GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr, SUB: tl.constexpr):
+    """fp32 scales of the runs of SUB features in the block at ``k0``: [BLOCK_N, BLOCK_K // SUB].
+
+    SUB divides the group (or the group is the whole row) and blocks start at multiples of SUB, so
+    each run lies inside one group. Runs past K and rows past N get 0."""
+    offs_r = k0 + tl.arange(0, BLOCK_K // SUB) * SUB
+    return tl.load(SC + rows[:, None] * stride_sn + (offs_r // GROUP_SIZE)[None, :],
+                   mask=mask_n[:, None] & (offs_r < K)[None, :], other=0.0).to(tl.float32)
+
+
+@_jit
+def _scale_weights(q, s, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SUB: tl.constexpr):
+    """q [BLOCK_N, BLOCK_K] times the scales of its runs s [BLOCK_N, BLOCK_K // SUB] (fp32)."""
+    if SUB == BLOCK_K:
+        return q * s  # s: [BLOCK_N, 1]
     else:
-        # Groups that straddle blocks: each element gathers its group's scale (cached loads).
-        s = tl.load(SC + rows[:, None] * stride_sn + (offs_k // GROUP_SIZE)[None, :],
-                    mask=mask_n[:, None] & (offs_k < K)[None, :], other=0.0).to(tl.float32)
-        w = q * s
-    return w
+        w = tl.reshape(q, [BLOCK_N, BLOCK_K // SUB, SUB]) * s[:, :, None]
+        return tl.reshape(w, [BLOCK_N, BLOCK_K])
+
+
+@_jit
+def _run_sums(p, BLOCK_N: tl.constexpr, WIDTH: tl.constexpr, RUN: tl.constexpr):
+    """[BLOCK_N, WIDTH] -> [BLOCK_N, WIDTH // RUN]: sums over consecutive runs of RUN columns."""
+    if RUN == 1:
+        return p
+    else:
+        return tl.sum(tl.reshape(p, [BLOCK_N, WIDTH // RUN, RUN]), axis=2)
+
+
+@_jit
+def _gemv_block(X, QW, SC, rows, mask_n, k0, K, row_bytes, stride_qn, stride_sn,
+                GROUP_SIZE: tl.constexpr, BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                SUB: tl.constexpr, MAGIC: tl.constexpr):
+    """One K block of the M = 1 GEMV: scale * sum(q * x) per run of SUB features, [BLOCK_N, BLOCK_K // SUB].
+
+    A weight costs its product and its share of the run's add tree (the product is exact in fp32:
+    |q| <= 127 has 7 bits, x at most 24); the scale multiplies run sums, not weights."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    # x is tiny and read by every program: keep it in L2.
+    x = tl.load(X + offs_k, mask=offs_k < K, other=0.0, eviction_policy="evict_last").to(tl.float32)
+    if BITS == 8:
+        q = _int8_to_f32(_load_weight_bytes(QW, rows, mask_n, k0, row_bytes, stride_qn, BLOCK_K, 0), MAGIC)
+        sums = _run_sums(q * x[None, :], BLOCK_N, BLOCK_K, SUB)
+    elif SUB == 1:
+        # Odd groups: the two features of a byte may lie in different groups; go to feature order.
+        q = _weight_tile(QW, rows, mask_n, k0, row_bytes, stride_qn, BITS, BLOCK_K, MAGIC)
+        sums = q * x[None, :]
+    else:
+        # Low nibbles pair with the even features of x, high nibbles with the odd ones: split x
+        # once (shared by the rows) instead of interleaving every weight tile.
+        packed = _load_weight_bytes(QW, rows, mask_n, k0 // 2, row_bytes, stride_qn, BLOCK_K // 2, 0)
+        lo, hi = _nibbles_to_f32(packed, MAGIC, HIGH_X16=True)
+        x_even, x_odd = tl.split(tl.reshape(x, [BLOCK_K // 2, 2]))
+        if MAGIC:
+            x_odd = x_odd * 0.0625  # hi is 16 * q (exact: a power of two)
+        # Two separate sums, so that each product fuses into its own add tree.
+        sums = (_run_sums(lo * x_even[None, :], BLOCK_N, BLOCK_K // 2, SUB // 2)
+                + _run_sums(hi * x_odd[None, :], BLOCK_N, BLOCK_K // 2, SUB // 2))
+    return sums * _run_scales(SC, rows, mask_n, k0, K, stride_sn, GROUP_SIZE, BLOCK_K, SUB)
+
+
+@_jit
+def _dot_block(acc, x, QW, SC, rows, mask_n, k0, K, row_bytes, stride_qn, stride_sn,
+               GROUP_SIZE: tl.constexpr, BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_K: tl.constexpr, SUB: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """acc [BLOCK_M, BLOCK_N] + x [BLOCK_M, BLOCK_K] @ (weights of the K block at k0)^T, tensor cores.
+
+    Integer weights are exact in fp16 / bf16. When the block lies in one run (SUB == BLOCK_K) they go
+    to the dot as they are and the scale multiplies the [BLOCK_M, BLOCK_N] result; otherwise the
+    weights are scaled per run first. 4-bit weights stay unpacked in two halves: the low nibbles
+    meet the even features of x, the high nibbles the odd ones (two half-width dots, no interleave
+    of the weight tile), except for odd groups, whose bytes may straddle two groups."""
+    s = _run_scales(SC, rows, mask_n, k0, K, stride_sn, GROUP_SIZE, BLOCK_K, SUB)
+    if BITS == 4 and SUB > 1:
+        packed = _load_weight_bytes(QW, rows, mask_n, k0 // 2, row_bytes, stride_qn, BLOCK_K // 2, 0)
+        x_even, x_odd = tl.split(tl.reshape(x, [BLOCK_M, BLOCK_K // 2, 2]))
+        if SUB == BLOCK_K:
+            lo, hi = _nibbles_as(packed, x.dtype)
+            part = tl.dot(x_even, tl.trans(lo), input_precision=DOT_PRECISION)
+            part = tl.dot(x_odd, tl.trans(hi), acc=part, input_precision=DOT_PRECISION)
+            acc += part * tl.reshape(s, [BLOCK_N])[None, :]
+        else:
+            lo, hi = _nibbles_to_f32(packed, True)
+            lo = _scale_weights(lo, s, BLOCK_N, BLOCK_K // 2, SUB // 2).to(x.dtype)
+            hi = _scale_weights(hi, s, BLOCK_N, BLOCK_K // 2, SUB // 2).to(x.dtype)
+            acc = tl.dot(x_even, tl.trans(lo), acc=acc, input_precision=DOT_PRECISION)
+            acc = tl.dot(x_odd, tl.trans(hi), acc=acc, input_precision=DOT_PRECISION)
+    else:
+        # Triton's own int8 -> fp16/bf16 conversion is already a packed magic-number sequence.
+        q = _weight_tile(QW, rows, mask_n, k0, row_bytes, stride_qn, BITS, BLOCK_K, False)
+        if SUB == BLOCK_K:
+            part = tl.dot(x, tl.trans(q.to(x.dtype)), input_precision=DOT_PRECISION)
+            acc += part * tl.reshape(s, [BLOCK_N])[None, :]
+        else:
+            w = _scale_weights(q, s, BLOCK_N, BLOCK_K, SUB)
+            acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc=acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@_jit
+def _round_to(w, DT: tl.constexpr, SOFT_RNE: tl.constexpr):
+    """fp32 -> DT, round to nearest even. SOFT_RNE does the bf16 rounding with integer ops: the
+    interpreter truncates fp32 -> bf16, so it needs them to give what the GPU's cvt.rn gives."""
+    if DT == tl.bfloat16 and SOFT_RNE:
+        bits = w.to(tl.int32, bitcast=True)
+        bits = bits + (0x7FFF + ((bits >> 16) & 1))  # ties to even; finite inputs only
+        return (bits >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
+    else:
+        return w.to(DT)
 
 
 @_jit
@@ -165,74 +413,100 @@ def _store_output(Y, BIAS, acc, offs_m, offs_n, M, N, stride_ym, HAS_BIAS: tl.co
 
 
 @_jit
+def _store_split(Y, BIAS, PART, CNT, acc, offs_m, offs_n, M, N, stride_ym, pid_n, split, n_splits,
+                 HAS_BIAS: tl.constexpr, FUSED_REDUCE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Split-K epilogue: this split's fp32 partial into PART[split, M, N]; with FUSED_REDUCE the
+    last program of the N block to arrive also sums all partials in split order into Y."""
+    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    p_ptrs = PART + offs_m[:, None] * N + offs_n[None, :]  # split 0; split s is s * M * N further
+    tl.store(p_ptrs + split * M * N, acc, mask=mask)
+    if FUSED_REDUCE:
+        # Every thread's partial is stored before one thread announces it (a release, cumulative
+        # over the barrier); the last arrival's acquire then sees all partials.
+        tl.debug_barrier()
+        arrived = tl.atomic_add(CNT + pid_n, 1, sem="acq_rel")
+        if arrived == n_splits - 1:
+            total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for s in range(0, n_splits):  # split order, whichever program came last: deterministic
+                # .cg: from L2, past this SM's (incoherent) L1.
+                total += tl.load(p_ptrs + s * M * N, mask=mask, other=0.0, cache_modifier=".cg")
+            _store_output(Y, BIAS, total, offs_m, offs_n, M, N, stride_ym, HAS_BIAS)
+            tl.atomic_xchg(CNT + pid_n, 0)  # ready for the next launch
+
+
+# --------------------------------------------------------------------------------------------- #
+# Kernels
+# --------------------------------------------------------------------------------------------- #
+
+@_jit_kernel("M", "stride_sn", "n_splits")
 def _decode_kernel(
-    X, QW, SC, BIAS, Y, PART,
-    M, N, K, stride_xm, stride_qn, stride_sn, stride_ym, k_per_split,
-    GROUP_SIZE: tl.constexpr, BITS: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
-    SCALE_PER_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    X, QW, SC, BIAS, Y, PART, CNT,
+    M, N, K, row_bytes, stride_xm, stride_qn, stride_sn, stride_ym, k_per_split, n_splits,
+    GROUP_SIZE: tl.constexpr, BITS: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
+    FUSED_REDUCE: tl.constexpr, SUB: tl.constexpr, MAGIC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
 ):
     """All M (<= BLOCK_M) rows of x times BLOCK_N weight rows, over one split of K.
 
     ``k_per_split`` is a multiple of BLOCK_K, so no block straddles two splits and K is the only
-    ragged edge. SPLIT_K == 1 writes Y (with the bias); otherwise fp32 partials PART[split, M, N]."""
+    ragged edge. Without SPLIT the kernel writes Y (with the bias); with it, fp32 partials."""
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    rows = offs_n.to(tl.int64)  # int64: row * stride passes 2**31 for a 256k-vocab lm_head
     offs_m = tl.arange(0, BLOCK_M)
-    offs_kb = tl.arange(0, BLOCK_K)
     k_start = split * k_per_split
     k_stop = tl.minimum(k_start + k_per_split, K)
 
     if BLOCK_M == 1:
-        # GEMV: fp32 FMAs into a [BLOCK_N, BLOCK_K] tile, one cross-lane reduction at the end.
-        acc_tile = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        for k0 in range(k_start, k_stop, BLOCK_K):
-            offs_k = k0 + offs_kb
-            x = tl.load(X + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
-            w = _dequant_tile(QW, SC, offs_n, k0, N, K, stride_qn, stride_sn,
-                              GROUP_SIZE, BITS, SCALE_PER_BLOCK, BLOCK_K)
-            acc_tile += w * x[None, :]
-        acc = tl.sum(acc_tile, axis=1)[None, :]
+        # GEMV on the FMA units: fp32 run sums, one cross-lane reduction at the very end.
+        acc_runs = tl.zeros([BLOCK_N, BLOCK_K // SUB], dtype=tl.float32)
+        for k0 in tl.range(k_start, k_stop, BLOCK_K, num_stages=NUM_STAGES):
+            acc_runs += _gemv_block(X, QW, SC, rows, mask_n, k0, K, row_bytes, stride_qn, stride_sn,
+                                    GROUP_SIZE, BITS, BLOCK_N, BLOCK_K, SUB, MAGIC)
+        acc = tl.sum(acc_runs, axis=1)[None, :]
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         x_rows = X + offs_m[:, None] * stride_xm
         mask_m = offs_m < M
-        for k0 in range(k_start, k_stop, BLOCK_K):
+        offs_kb = tl.arange(0, BLOCK_K)
+        for k0 in tl.range(k_start, k_stop, BLOCK_K, num_stages=NUM_STAGES):
             offs_k = k0 + offs_kb
-            x = tl.load(x_rows + offs_k[None, :], mask=mask_m[:, None] & (offs_k < K)[None, :], other=0.0)
-            w = _dequant_tile(QW, SC, offs_n, k0, N, K, stride_qn, stride_sn,
-                              GROUP_SIZE, BITS, SCALE_PER_BLOCK, BLOCK_K)
-            acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc=acc, input_precision=DOT_PRECISION)
+            x = tl.load(x_rows + offs_k[None, :], mask=mask_m[:, None] & (offs_k < K)[None, :], other=0.0,
+                        eviction_policy="evict_last")
+            acc = _dot_block(acc, x, QW, SC, rows, mask_n, k0, K, row_bytes, stride_qn, stride_sn,
+                             GROUP_SIZE, BITS, BLOCK_M, BLOCK_N, BLOCK_K, SUB, DOT_PRECISION)
 
-    if SPLIT_K == 1:
-        _store_output(Y, BIAS, acc, offs_m, offs_n, M, N, stride_ym, HAS_BIAS)
+    if SPLIT:
+        _store_split(Y, BIAS, PART, CNT, acc, offs_m, offs_n, M, N, stride_ym, pid_n, split, n_splits,
+                     HAS_BIAS, FUSED_REDUCE, BLOCK_M, BLOCK_N)
     else:
-        # Partials are contiguous [SPLIT_K, M, N]; the bias waits for the reduction.
-        p_ptrs = PART + (split * M + offs_m[:, None]) * N + offs_n[None, :]
-        tl.store(p_ptrs, acc, mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
+        _store_output(Y, BIAS, acc, offs_m, offs_n, M, N, stride_ym, HAS_BIAS)
 
 
-@_jit
+@_jit_kernel("M", "n_splits")
 def _split_k_reduce_kernel(
-    PART, BIAS, Y, M, N, stride_ym,
-    SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr,
+    PART, BIAS, Y, M, N, stride_ym, n_splits,
+    HAS_BIAS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Y[m, n-block] = sum over splits of PART[:, m, n-block] (+ bias), in a fixed order."""
+    """Y[m, n-block] = sum over the n_splits (<= BLOCK_S) splits of PART[:, m, n-block] (+ bias), in
+    a fixed order."""
     m = tl.program_id(0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_s = tl.arange(0, BLOCK_S)
     p = tl.load(PART + (offs_s[:, None] * M + m) * N + offs_n[None, :],
-                mask=(offs_s < SPLIT_K)[:, None] & (offs_n < N)[None, :], other=0.0)
+                mask=(offs_s < n_splits)[:, None] & (offs_n < N)[None, :], other=0.0)
     acc = tl.sum(p, axis=0)[None, :]
     _store_output(Y, BIAS, acc, m + tl.arange(0, 1), offs_n, M, N, stride_ym, HAS_BIAS)
 
 
-@_jit
+@_jit_kernel("M", "stride_sn")
 def _prefill_kernel(
     X, QW, SC, BIAS, Y,
-    M, N, K, stride_xm, stride_qn, stride_sn, stride_ym,
-    GROUP_SIZE: tl.constexpr, BITS: tl.constexpr, HAS_BIAS: tl.constexpr, SCALE_PER_BLOCK: tl.constexpr,
+    M, N, K, row_bytes, stride_xm, stride_qn, stride_sn, stride_ym,
+    GROUP_SIZE: tl.constexpr, BITS: tl.constexpr, HAS_BIAS: tl.constexpr, SUB: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -252,26 +526,53 @@ def _prefill_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_kb = tl.arange(0, BLOCK_K)
     mask_m = offs_m < M
+    mask_n = offs_n < N
+    rows = offs_n.to(tl.int64)
     x_rows = X + offs_m.to(tl.int64)[:, None] * stride_xm  # int64: M * K passes 2**31 for long prompts
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + offs_kb
         x = tl.load(x_rows + offs_k[None, :], mask=mask_m[:, None] & (offs_k < K)[None, :], other=0.0)
-        w = _dequant_tile(QW, SC, offs_n, k0, N, K, stride_qn, stride_sn,
-                          GROUP_SIZE, BITS, SCALE_PER_BLOCK, BLOCK_K)
+        q = _weight_tile(QW, rows, mask_n, k0, row_bytes, stride_qn, BITS, BLOCK_K, False)
+        s = _run_scales(SC, rows, mask_n, k0, K, stride_sn, GROUP_SIZE, BLOCK_K, SUB)
         # Rounded to the activation dtype, as the reference's dequantized weight: tensor cores.
-        acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc=acc, input_precision=DOT_PRECISION)
+        w = _scale_weights(q, s, BLOCK_N, BLOCK_K, SUB).to(x.dtype)
+        acc = tl.dot(x, tl.trans(w), acc=acc, input_precision=DOT_PRECISION)
 
     _store_output(Y, BIAS, acc, offs_m, offs_n, M, N, stride_ym, HAS_BIAS)
 
 
+@_jit_kernel("stride_sn")
+def _dequant_kernel(
+    QW, SC, W, N, K, row_bytes, stride_qn, stride_sn, stride_wn,
+    GROUP_SIZE: tl.constexpr, BITS: tl.constexpr, SUB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SOFT_RNE: tl.constexpr,
+):
+    """W[n-block, k-block] = q * scale rounded to W's dtype: fp32 product, one rounding, as
+    ``quant.dequantize_weight``."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k0 = tl.program_id(1) * BLOCK_K
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    mask_n = offs_n < N
+    rows = offs_n.to(tl.int64)
+    q = _weight_tile(QW, rows, mask_n, k0, row_bytes, stride_qn, BITS, BLOCK_K, False)
+    s = _run_scales(SC, rows, mask_n, k0, K, stride_sn, GROUP_SIZE, BLOCK_K, SUB)
+    w = _scale_weights(q, s, BLOCK_N, BLOCK_K, SUB)
+    tl.store(W + rows[:, None] * stride_wn + offs_k[None, :], _round_to(w, W.dtype.element_ty, SOFT_RNE),
+             mask=mask_n[:, None] & (offs_k < K)[None, :])
+
+
 # --------------------------------------------------------------------------------------------- #
-# Launchers
+# Launch planning (shapes only: CUDA graphs)
 # --------------------------------------------------------------------------------------------- #
 
 def _pow2(n: int, at_least: int = 1) -> int:
     return max(triton.next_power_of_2(n), at_least)
+
+
+def _is_pow2(n) -> bool:
+    return isinstance(n, int) and n >= 1 and n & (n - 1) == 0
 
 
 @functools.lru_cache(maxsize=None)
@@ -286,36 +587,77 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _k_blocking(block_k: int, group_size: int, in_features: int) -> tuple[int, int, bool]:
-    """(BLOCK_K, GROUP_SIZE as the kernel sees it, SCALE_PER_BLOCK) for a requested BLOCK_K.
-
-    A block that lies inside one group needs one scale a row instead of one an element: true for
-    a whole-row group, for groups that are multiples of BLOCK_K, and, by shrinking BLOCK_K to the
-    group, for power-of-two groups of at least 16. Other groups gather their scales."""
-    block_k = min(block_k, _pow2(in_features, MIN_DOT))  # no 128-wide blocks for K = 48
+def _runs(group_size: int, in_features: int) -> tuple[int, int]:
+    """(GROUP_SIZE as the kernels see it, the longest run of features a scale may be applied to at
+    once): a run is a power of two (tile shapes are) that divides the group, so runs starting at
+    multiples of it never straddle two groups. One group for the whole row: any run."""
     if group_size >= in_features:
-        return block_k, WHOLE_ROW, True
-    if group_size % block_k == 0:
-        return block_k, group_size, True
-    if group_size >= MIN_DOT and group_size & (group_size - 1) == 0:
-        return group_size, group_size, True
-    return block_k, group_size, False
-
-
-def decode_split_k(out_features: int, k_blocks: int, block_n: int, device: torch.device) -> int:
-    """K splits for the decode kernel: enough programs for DECODE_WAVES per SM, each split owning
-    at least DECODE_MIN_BLOCKS_PER_SPLIT K blocks. Shapes only (CUDA graphs)."""
-    n_blocks = triton.cdiv(out_features, block_n)
-    want = triton.cdiv(DECODE_WAVES * _sm_count(device), n_blocks)
-    return max(1, min(want, k_blocks // DECODE_MIN_BLOCKS_PER_SPLIT))
+        return WHOLE_ROW, WHOLE_ROW
+    return group_size, group_size & -group_size
 
 
 def _config(defaults: dict, overrides: dict | None) -> dict:
     unknown = set(overrides or {}) - set(defaults)
     if unknown:
         raise ValueError(f"quant_linear_triton: unknown config keys {sorted(unknown)}; known: {sorted(defaults)}")
-    return {**defaults, **(overrides or {})}
+    cfg = {**defaults, **(overrides or {})}
+    for key in ("block_m", "block_n", "block_k", "sub_k", "num_warps"):
+        if key in cfg and not _is_pow2(cfg[key]):
+            raise ValueError(f"quant_linear_triton: config {key} must be a power of two, got {cfg[key]!r}")
+    return cfg
 
+
+def decode_tiles(m: int, bits: int) -> dict:
+    """The decode tile settings for M rows: DECODE_DEFAULTS with the DECODE_TILES entry of the M
+    bucket applied (the last bucket beyond the table)."""
+    table = DECODE_TILES[bits]
+    overrides = next((over for max_m, over in table if m <= max_m), table[-1][1])
+    return {**DECODE_DEFAULTS, **overrides}
+
+
+def decode_split_k(n_blocks: int, k_blocks: int, waves: float, device: torch.device) -> int:
+    """K splits: none when the ``n_blocks`` N blocks give about ``waves`` programs per SM already,
+    else the nearest count that does, each split owning at least DECODE_MIN_BLOCKS_PER_SPLIT K
+    blocks. Rounded, not rounded up: 256 N blocks for 2 x 132 SMs are no reason to split."""
+    if waves <= 0:
+        return 1
+    want = int(waves * _sm_count(device) / n_blocks + 0.5)
+    return max(1, min(want, k_blocks // DECODE_MIN_BLOCKS_PER_SPLIT))
+
+
+def decode_plan(m: int, out_features: int, in_features: int, group_size: int, device: torch.device,
+                split_k: int | None = None, config: dict | None = None, bits: int = 8) -> dict:
+    """The decode launch for these shapes: the tile settings (``decode_tiles`` + ``config``), then
+    BLOCK_M (1: the FMA GEMV; 16+: tensor cores), the clamped BLOCK_N / BLOCK_K, the group as the
+    kernel sees it and the run length SUB, the split count and the K features per split."""
+    cfg = _config(decode_tiles(m, bits), config)
+    use_dot = m > 1 or bool(cfg["dot"])
+    block_m = _pow2(m, MIN_DOT) if use_dot else 1
+    if block_m > MAX_DECODE_BLOCK_M:
+        raise ValueError(f"quant_linear_triton: the decode path takes at most {MAX_DECODE_BLOCK_M} rows, got {m}")
+    # No blocks (much) wider than the layer: K = 48 gets 64, N = 37 gets 64 (16 rows at least for a dot).
+    block_k = min(cfg["block_k"], _pow2(in_features, MIN_DOT))
+    block_n = min(cfg["block_n"], _pow2(out_features))
+    if use_dot:
+        block_n = max(block_n, MIN_DOT)
+    group, run = _runs(group_size, in_features)
+    # The dot path scales per run before (or, for a one-run block, after) the dot: the longest runs.
+    sub = min(block_k, run) if use_dot else min(cfg["sub_k"], block_k, run)
+    k_blocks = triton.cdiv(in_features, block_k)
+    if split_k is None:
+        split_k = decode_split_k(triton.cdiv(out_features, block_n), k_blocks, cfg["waves"], device)
+    # Even shares of whole blocks; recount so that no split is left empty.
+    blocks_per_split = triton.cdiv(k_blocks, max(1, min(split_k, k_blocks)))
+    split_k = triton.cdiv(k_blocks, blocks_per_split)
+    # Knobs the chosen kernel ignores are normalized, so that they compile (and compare) as one.
+    return dict(cfg, block_m=block_m, block_n=block_n, block_k=block_k, group=group, sub=sub,
+                magic=bool(cfg["magic"]) and not use_dot, fused_reduce=bool(cfg["fused_reduce"]) and split_k > 1,
+                split_k=split_k, k_per_split=blocks_per_split * block_k)
+
+
+# --------------------------------------------------------------------------------------------- #
+# Launchers
+# --------------------------------------------------------------------------------------------- #
 
 def _alloc_partials(shape: tuple[int, ...], device: torch.device) -> Tensor:
     """Split-K partials (every element is written by the decode kernel). A function so that tests
@@ -323,91 +665,164 @@ def _alloc_partials(shape: tuple[int, ...], device: torch.device) -> Tensor:
     return torch.empty(shape, dtype=torch.float32, device=device)
 
 
-def decode_plan(m: int, out_features: int, in_features: int, group_size: int, device: torch.device,
-                split_k: int | None = None, config: dict | None = None) -> dict:
-    """The decode launch for these shapes: tile settings, BLOCK_M, BLOCK_K (and how the kernel sees
-    the group), the split count and the K features per split. Shapes only (CUDA graphs)."""
-    cfg = _config(dict(block_n=DECODE_BLOCK_N, block_k=DECODE_BLOCK_K, num_warps=DECODE_NUM_WARPS,
-                       num_stages=DECODE_NUM_STAGES), config)
-    block_m = 1 if m == 1 else _pow2(m, MIN_DOT)
-    if block_m > MAX_DECODE_BLOCK_M:
-        raise ValueError(f"quant_linear_triton: the decode path takes at most {MAX_DECODE_BLOCK_M} rows, got {m}")
-    block_k, group, per_block = _k_blocking(cfg["block_k"], group_size, in_features)
-    k_blocks = triton.cdiv(in_features, block_k)
-    if split_k is None:
-        split_k = decode_split_k(out_features, k_blocks, cfg["block_n"], device)
-    # Even shares of whole blocks; recount so that no split is left empty.
-    blocks_per_split = triton.cdiv(k_blocks, max(1, min(split_k, k_blocks)))
-    return dict(cfg, block_m=block_m, block_k=block_k, group=group, per_block=per_block,
-                split_k=triton.cdiv(k_blocks, blocks_per_split), k_per_split=blocks_per_split * block_k)
+_COUNTERS: dict[str, Tensor] = {}
+
+
+def _split_counters(device: torch.device, n: int) -> Tensor | None:
+    """Arrival counters for the fused split-K reduction: int32, zero between launches (the last
+    program of each N block resets its own). One buffer per device, grown on demand. None when it
+    would have to be allocated during a CUDA-graph capture: memory from the graph's pool, zeroed only
+    by a replay, must not be cached; the caller then reduces with the second kernel."""
+    key = str(device)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < n:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+        _COUNTERS[key] = buf
+    return buf
 
 
 def _decode(x2, qweight, scales, bias, y2, group_size, bits, in_features, split_k, config):
     m, n = y2.shape
-    plan = decode_plan(m, n, in_features, group_size, y2.device, split_k, config)
+    plan = decode_plan(m, n, in_features, group_size, y2.device, split_k, config, bits=bits)
     split_k = plan["split_k"]
+    n_blocks = triton.cdiv(n, plan["block_n"])
+    counters = _split_counters(y2.device, n_blocks) if split_k > 1 and plan["fused_reduce"] else None
     partials = _alloc_partials((split_k, m, n), y2.device) if split_k > 1 else y2  # y2: never touched
-    _decode_kernel[(triton.cdiv(n, plan["block_n"]), split_k)](
-        # A missing bias gets some pointer (x): the constexpr flag keeps it from being read.
-        x2, qweight, scales, bias if bias is not None else x2, y2, partials,
-        m, n, in_features, x2.stride(0), qweight.stride(0), scales.stride(0), y2.stride(0), plan["k_per_split"],
-        GROUP_SIZE=plan["group"], BITS=bits, HAS_BIAS=bias is not None, SPLIT_K=split_k,
-        SCALE_PER_BLOCK=plan["per_block"], BLOCK_M=plan["block_m"], BLOCK_N=plan["block_n"],
-        BLOCK_K=plan["block_k"], DOT_PRECISION=_dot_precision(x2.dtype),
+    # Pointers a constexpr flag keeps from being read get some tensor (x).
+    _decode_kernel[(n_blocks, split_k)](
+        x2, qweight, scales, bias if bias is not None else x2, y2, partials, counters if counters is not None else x2,
+        m, n, in_features, qweight.shape[1], x2.stride(0), qweight.stride(0), scales.stride(0), y2.stride(0),
+        plan["k_per_split"], split_k,
+        GROUP_SIZE=plan["group"], BITS=bits, HAS_BIAS=bias is not None, SPLIT=split_k > 1,
+        FUSED_REDUCE=counters is not None, SUB=plan["sub"], MAGIC=plan["magic"],
+        BLOCK_M=plan["block_m"], BLOCK_N=plan["block_n"], BLOCK_K=plan["block_k"],
+        DOT_PRECISION=_dot_precision(x2.dtype), NUM_STAGES=plan["num_stages"],
         num_warps=plan["num_warps"], num_stages=plan["num_stages"],
     )
-    if split_k > 1:
+    if split_k > 1 and counters is None:
         _split_k_reduce_kernel[(m, triton.cdiv(n, REDUCE_BLOCK_N))](
-            partials, bias if bias is not None else x2, y2, m, n, y2.stride(0),
-            SPLIT_K=split_k, HAS_BIAS=bias is not None, BLOCK_S=_pow2(split_k), BLOCK_N=REDUCE_BLOCK_N,
+            partials, bias if bias is not None else x2, y2, m, n, y2.stride(0), split_k,
+            HAS_BIAS=bias is not None, BLOCK_S=_pow2(split_k), BLOCK_N=REDUCE_BLOCK_N,
             num_warps=4,
         )
 
 
-def _prefill(x2, qweight, scales, bias, y2, group_size, bits, in_features, config):
-    m, n = y2.shape
+def prefill_plan(m: int, out_features: int, in_features: int, group_size: int, dtype: torch.dtype,
+                 config: dict | None = None) -> dict:
+    """The fused prefill GEMM's launch settings for these shapes (``config`` overrides)."""
     cfg = _config(dict(block_m=PREFILL_BLOCK_M, block_n=PREFILL_BLOCK_N, block_k=PREFILL_BLOCK_K,
                        group_m=PREFILL_GROUP_M, num_warps=PREFILL_NUM_WARPS, num_stages=PREFILL_NUM_STAGES), config)
-    # Shrink the row block for short inputs (a 17-row input needs 32 rows, not 128). On the
-    # interpreter this is also what keeps the tests fast.
-    block_m = min(cfg["block_m"], _pow2(m, MIN_DOT))
-    block_n = min(cfg["block_n"], _pow2(n, MIN_DOT))
-    if x2.dtype == torch.float32 and "block_k" not in (config or {}):
+    if dtype == torch.float32 and "block_k" not in (config or {}):
         cfg["block_k"] = PREFILL_BLOCK_K_FP32
-    block_k, group, per_block = _k_blocking(cfg["block_k"], group_size, in_features)
-    grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
+    # Shrink the blocks for small inputs (a 17-row input needs 32 rows, not 128). On the
+    # interpreter this is also what keeps the tests fast.
+    block_k = min(cfg["block_k"], _pow2(in_features, MIN_DOT))
+    group, run = _runs(group_size, in_features)
+    return dict(cfg, block_m=min(cfg["block_m"], _pow2(m, MIN_DOT)),
+                block_n=min(cfg["block_n"], _pow2(out_features, MIN_DOT)), block_k=block_k, group=group,
+                sub=min(block_k, run))
+
+
+def _prefill(x2, qweight, scales, bias, y2, group_size, bits, in_features, config):
+    m, n = y2.shape
+    plan = prefill_plan(m, n, in_features, group_size, x2.dtype, config)
+    grid = (triton.cdiv(m, plan["block_m"]) * triton.cdiv(n, plan["block_n"]),)
     _prefill_kernel[grid](
         x2, qweight, scales, bias if bias is not None else x2, y2,
-        m, n, in_features, x2.stride(0), qweight.stride(0), scales.stride(0), y2.stride(0),
-        GROUP_SIZE=group, BITS=bits, HAS_BIAS=bias is not None, SCALE_PER_BLOCK=per_block,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=cfg["group_m"],
-        DOT_PRECISION=_dot_precision(x2.dtype),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        m, n, in_features, qweight.shape[1], x2.stride(0), qweight.stride(0), scales.stride(0), y2.stride(0),
+        GROUP_SIZE=plan["group"], BITS=bits, HAS_BIAS=bias is not None, SUB=plan["sub"],
+        BLOCK_M=plan["block_m"], BLOCK_N=plan["block_n"], BLOCK_K=plan["block_k"], GROUP_M=plan["group_m"],
+        DOT_PRECISION=_dot_precision(x2.dtype), num_warps=plan["num_warps"], num_stages=plan["num_stages"],
     )
+
+
+def dequantize_triton(qweight: Tensor, scales: Tensor, group_size: int, bits: int, in_features: int,
+                      dtype: torch.dtype, *, out: Tensor | None = None, config: dict | None = None) -> Tensor:
+    """``quant.dequantize_weight`` on the Triton kernel: the ``[out_features, in_features]`` weight in
+    ``dtype``, bit for bit (fp32 product of q and scale, one rounding). ``config`` overrides the tile
+    (block_n, block_k, num_warps)."""
+    if not _weight_supported(qweight, scales, group_size, bits, in_features) or dtype not in DTYPES:
+        raise ValueError("dequantize_triton: unsupported arguments (see supported())")
+    n = qweight.shape[0]
+    if out is None:
+        out = torch.empty((n, in_features), dtype=dtype, device=qweight.device)
+    elif out.shape != (n, in_features) or out.dtype != dtype or out.stride(-1) != 1:
+        raise ValueError(f"dequantize_triton: expected a {dtype} out of shape {(n, in_features)} with unit last stride")
+    if out.numel() == 0:
+        return out
+    cfg = _config(dict(block_n=DEQUANT_BLOCK_N, block_k=DEQUANT_BLOCK_K, num_warps=DEQUANT_NUM_WARPS), config)
+    qweight, scales = _unit_last_stride(qweight), _unit_last_stride(scales)
+    block_k = min(cfg["block_k"], _pow2(in_features, MIN_DOT))
+    group, run = _runs(group_size, in_features)
+    _dequant_kernel[(triton.cdiv(n, cfg["block_n"]), triton.cdiv(in_features, block_k))](
+        qweight, scales, out, n, in_features, qweight.shape[1], qweight.stride(0), scales.stride(0), out.stride(0),
+        GROUP_SIZE=group, BITS=bits, SUB=min(block_k, run), BLOCK_N=cfg["block_n"], BLOCK_K=block_k,
+        SOFT_RNE=INTERPRET, num_warps=cfg["num_warps"],
+    )
+    return out
+
+
+def _dequant_linear(x2, qweight, scales, bias, y2, group_size, bits, in_features, config):
+    """y2 = x2 @ dequant(W)^T + bias through a dequantized temporary and cuBLAS (``addmm``, as
+    ``F.linear``), in row chunks of at most DEQUANT_MAX_NUMEL weights."""
+    n = qweight.shape[0]
+    bias = bias.to(x2.dtype) if bias is not None else None
+    chunk = max(1, DEQUANT_MAX_NUMEL // in_features)
+    for n0 in range(0, n, chunk):
+        n1 = min(n, n0 + chunk)
+        w = dequantize_triton(qweight[n0:n1], scales[n0:n1], group_size, bits, in_features, x2.dtype, config=config)
+        b = bias[n0:n1] if bias is not None else None
+        if n1 - n0 == n:  # the whole weight at once: straight into y2
+            if b is None:
+                torch.mm(x2, w.t(), out=y2)
+            else:
+                torch.addmm(b, x2, w.t(), out=y2)
+        else:
+            y2[:, n0:n1] = torch.nn.functional.linear(x2, w, b)
+
+
+# --------------------------------------------------------------------------------------------- #
+# Entry points
+# --------------------------------------------------------------------------------------------- #
+
+def _weight_supported(qweight: Tensor, scales: Tensor, group_size: int, bits: int, in_features: int) -> bool:
+    if bits not in (8, 4) or group_size <= 0 or in_features <= 0:
+        return False
+    if qweight.dim() != 2 or qweight.dtype != (torch.int8 if bits == 8 else torch.uint8):
+        return False
+    if qweight.shape[1] != (in_features if bits == 8 else (in_features + 1) // 2):
+        return False
+    return scales.shape == (qweight.shape[0], n_groups(in_features, group_size)) and scales.dtype in DTYPES
 
 
 def supported(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None, group_size: int, bits: int,
               in_features: int) -> bool:
     """Whether the kernels take these arguments (the layout of ``quant.py``, float activations,
     one device); the CUDA implementation falls back to the reference otherwise."""
-    if bits not in (8, 4) or group_size <= 0 or in_features <= 0:
+    if not _weight_supported(qweight, scales, group_size, bits, in_features):
         return False
     if x.dim() == 0 or x.dtype not in DTYPES or x.shape[-1] != in_features:
         return False
-    if qweight.dim() != 2 or qweight.dtype != (torch.int8 if bits == 8 else torch.uint8):
-        return False
-    if qweight.shape[1] != (in_features if bits == 8 else (in_features + 1) // 2):
-        return False
-    out_features = qweight.shape[0]
-    if scales.shape != (out_features, n_groups(in_features, group_size)) or scales.dtype not in DTYPES:
-        return False
-    if bias is not None and (bias.shape != (out_features,) or bias.dtype not in DTYPES):
+    if bias is not None and (bias.shape != (qweight.shape[0],) or bias.dtype not in DTYPES):
         return False
     return len({t.device for t in (x, qweight, scales, bias) if t is not None}) == 1
 
 
 def _unit_last_stride(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
+
+
+PATHS = ("decode", "prefill", "dequant")
+
+
+def default_path(m: int) -> str:
+    """The path for M rows of x: decode up to DECODE_MAX_M, the fused GEMM below DEQUANT_MIN_M,
+    dequantize + cuBLAS from there."""
+    if m <= DECODE_MAX_M:
+        return "decode"
+    return "prefill" if m < DEQUANT_MIN_M else "dequant"
 
 
 def quant_linear_triton(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None, group_size: int,
@@ -417,9 +832,10 @@ def quant_linear_triton(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor
     ``TRITON_INTERPRET=1``). No host sync: safe to capture in a CUDA graph.
 
     ``out`` (contiguous, ``[*x.shape[:-1], out_features]``, ``x.dtype``) is written instead of a new
-    tensor. For tests and tuning: ``path`` ("decode" or "prefill") overrides the choice by
-    ``DECODE_MAX_M``; ``split_k`` overrides the decode split count; ``config`` overrides tile
-    settings (decode: block_n, block_k, num_warps, num_stages; prefill: also block_m, group_m).
+    tensor. For tests and tuning: ``path`` ("decode", "prefill" or "dequant") overrides
+    ``default_path``; ``split_k`` overrides the decode split count; ``config`` overrides tile
+    settings (decode: the keys of DECODE_DEFAULTS; prefill: block_m, block_n, block_k, group_m,
+    num_warps, num_stages; dequant: block_n, block_k, num_warps of the dequantize kernel).
     """
     if triton is None:
         raise RuntimeError("quant_linear_triton: triton is not installed")
@@ -441,14 +857,15 @@ def quant_linear_triton(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor
     y2 = out.view(-1, out_features)
     qweight, scales = _unit_last_stride(qweight), _unit_last_stride(scales)
     bias = bias.contiguous() if bias is not None else None
-    if path is None:
-        path = "decode" if x2.shape[0] <= DECODE_MAX_M else "prefill"
+    path = default_path(x2.shape[0]) if path is None else path
     if path == "decode":
         _decode(x2, qweight, scales, bias, y2, group_size, bits, in_features, split_k, config)
     elif path == "prefill":
         _prefill(x2, qweight, scales, bias, y2, group_size, bits, in_features, config)
+    elif path == "dequant":
+        _dequant_linear(x2, qweight, scales, bias, y2, group_size, bits, in_features, config)
     else:
-        raise ValueError(f"quant_linear_triton: path must be 'decode' or 'prefill', got {path!r}")
+        raise ValueError(f"quant_linear_triton: path must be one of {PATHS}, got {path!r}")
     return out
 
 
@@ -473,104 +890,62 @@ def register() -> bool:
 
 
 # --------------------------------------------------------------------------------------------- #
-# Benchmark (CUDA): python -m fxopt.kernels.quant_triton [--sweep]
+# Benchmark (CUDA): python -m fxopt.kernels.quant_triton  (tile sweeps: benchmarks/quant_sweep.py)
 # --------------------------------------------------------------------------------------------- #
 
 LLAMA2_7B_SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096))  # (in, out): q/k/v/o, gate/up, down
 
 
-def benchmark(dtype: torch.dtype = torch.bfloat16, group_size: int = 128, sweep: bool = False) -> None:
-    """Triton vs the reference (dequantize + F.linear) vs bf16 ``F.linear`` on an unquantized
-    weight, at llama2-7b shapes, bits 8 and 4.
+def benchmark(dtype: torch.dtype = torch.bfloat16, group_size: int = 128) -> None:
+    """The default path against the other Triton paths, the reference (dequantize + F.linear) and
+    bf16 ``F.linear`` on an unquantized weight, at llama2-7b shapes, bits 8 and 4.
 
-    GB/s counts the weight bytes the op must read (qweight + scales for the quantized ops, the bf16
-    weight for F.linear; x and y are small next to them at decode sizes). TFLOP/s is 2·M·N·K / t.
-    Everything is timed as CUDA-graph replays (how fxopt runs decode: no launch overhead). For
-    M = 1, 8 and 32 both Triton paths are timed (the non-default one marked *), to place
-    DECODE_MAX_M. ``sweep`` also tries decode tile configurations and prints the best three per
-    (shape, bits, M = 1 and 8)."""
+    CUDA-graph replays (how fxopt runs decode: no launch overhead) cycling through enough weight
+    copies to miss L2, as a model's layers do. GB/s counts the weight bytes the op must read
+    (qweight + scales, or the bf16 weight for F.linear); TFLOP/s is 2·M·N·K / t."""
     from triton.testing import do_bench_cudagraph
+
+    from .quant import quantize_weight
 
     torch.manual_seed(0)
     dev = torch.device("cuda")
-    from .quant import quantize_weight
-
-    print(f"{torch.cuda.get_device_name()}  dtype={dtype}  group={group_size}  decode up to M={DECODE_MAX_M}")
-    print(f"{'in':>6} {'out':>6} {'bits':>4} {'M':>5} {'path':>8} {'split':>5} {'us':>8} {'GB/s':>6} {'TFLOP/s':>7}"
-          f" | {'ref us':>8} {'GB/s':>6} | {'bf16 us':>8} {'GB/s':>6} {'TFLOP/s':>7} | {'x bf16':>6}  max|err|")
+    l2_bytes = 2 * getattr(torch.cuda.get_device_properties(dev), "L2_cache_size", 64 << 20)
+    print(f"{torch.cuda.get_device_name()}  dtype={dtype}  group={group_size}  decode <= {DECODE_MAX_M} "
+          f"< prefill < {DEQUANT_MIN_M} <= dequant")
+    print(f"{'in':>6} {'out':>6} {'bits':>4} {'M':>5} {'path':>8} {'us':>8} {'GB/s':>6} {'TFLOP/s':>7} | "
+          f"{'ref us':>8} | {'bf16 us':>8} {'GB/s':>6} | {'x bf16':>6}  max|err|")
     for in_f, out_f in LLAMA2_7B_SHAPES:
         w = torch.randn(out_f, in_f, device=dev, dtype=dtype) / in_f ** 0.5
-        bias = None
+        dense_w = [w] + [w.clone() for _ in range(l2_bytes // (w.numel() * w.element_size()))]
         for bits in (8, 4):
             qweight, scales = quantize_weight(w, group_size, bits)
             q_bytes = qweight.numel() * qweight.element_size() + scales.numel() * scales.element_size()
-            for m in (1, 8, 32, 2048):
+            copies = [(qweight, scales)] + [(qweight.clone(), scales.clone()) for _ in range(l2_bytes // q_bytes)]
+            for m in (1, 8, 16, 32, 128, 2048):
                 x = torch.randn(m, in_f, device=dev, dtype=dtype)
                 flops = 2 * m * in_f * out_f
+                expected = quant_linear_reference(x, qweight, scales, None, group_size, bits, in_f)
 
-                def ref():
-                    return quant_linear_reference(x, qweight, scales, bias, group_size, bits, in_f)
+                def cycling(fn, items):  # each call takes the next copy (in the captured graph too)
+                    it = itertools.cycle(items)
+                    return lambda: fn(next(it))
 
-                def dense():  # the unquantized bf16 layer: what quantization has to beat
-                    return torch.nn.functional.linear(x, w, bias)
+                t_ref = do_bench_cudagraph(cycling(lambda qs: quant_linear_reference(
+                    x, qs[0], qs[1], None, group_size, bits, in_f), copies)) * 1e-3
+                t_dense = do_bench_cudagraph(cycling(lambda wc: torch.nn.functional.linear(x, wc), dense_w)) * 1e-3
+                paths = [p for p in PATHS if p != "decode" or m <= MAX_DECODE_BLOCK_M]
+                for path in sorted(paths, key=lambda p: p != default_path(m)):
+                    def run(qs, path=path):
+                        return quant_linear_triton(x, qs[0], qs[1], None, group_size, bits, in_f, path=path)
 
-                t_ref = do_bench_cudagraph(ref) * 1e-3
-                t_dense = do_bench_cudagraph(dense) * 1e-3
-                expected = ref()
-                default = "decode" if m <= DECODE_MAX_M else "prefill"
-                paths = (default, "prefill" if default == "decode" else "decode") if m <= MAX_DECODE_BLOCK_M \
-                    else (default,)
-                for path in paths:
-                    def run():
-                        return quant_linear_triton(x, qweight, scales, bias, group_size, bits, in_f, path=path)
-
-                    err = (run().float() - expected.float()).abs().max().item()
-                    t = do_bench_cudagraph(run) * 1e-3
-                    split = decode_plan(m, out_f, in_f, group_size, dev)["split_k"] if path == "decode" else "-"
-                    tflops = f"{flops / t / 1e12:7.1f}" if m == 2048 else " " * 7
-                    dense_tflops = f"{flops / t_dense / 1e12:7.1f}" if m == 2048 else " " * 7
-                    mark = "" if path == default else "*"
-                    print(f"{in_f:6} {out_f:6} {bits:4} {m:5} {path + mark:>8} {split!s:>5} {t * 1e6:8.1f} "
-                          f"{q_bytes / t / 1e9:6.0f} {tflops} | {t_ref * 1e6:8.1f} {q_bytes / t_ref / 1e9:6.0f} | "
-                          f"{t_dense * 1e6:8.1f} {w.numel() * w.element_size() / t_dense / 1e9:6.0f} {dense_tflops} | "
-                          f"{t_dense / t:6.2f}  {err:.2e}")
-                if sweep and m <= 8:
-                    _sweep_decode(x, qweight, scales, group_size, bits, in_f, q_bytes)
+                    err = (run(copies[0]).float() - expected.float()).abs().max().item()
+                    t = do_bench_cudagraph(cycling(run, copies)) * 1e-3
+                    mark = "" if path == default_path(m) else "*"
+                    print(f"{in_f:6} {out_f:6} {bits:4} {m:5} {path + mark:>8} {t * 1e6:8.1f} {q_bytes / t / 1e9:6.0f} "
+                          f"{flops / t / 1e12:7.1f} | {t_ref * 1e6:8.1f} | {t_dense * 1e6:8.1f} "
+                          f"{w.numel() * w.element_size() / t_dense / 1e9:6.0f} | {t_dense / t:6.2f}  {err:.2e}")
     print("(* = not the default path at this M; 'x bf16' = speed-up over bf16 F.linear)")
 
 
-def _sweep_decode(x, qweight, scales, group_size, bits, in_f, q_bytes) -> None:
-    """The best few decode configurations for one shape (prints; changes nothing). About 50
-    configurations, each compiled once per (bits, BLOCK_M): minutes for the whole benchmark."""
-    from triton.testing import do_bench_cudagraph
-
-    m, out_f = x.shape[0], qweight.shape[0]
-    results, seen = [], set()
-    for block_n in (16, 32, 64):
-        for block_k in (128, 256):
-            for num_warps in (4, 8):
-                for num_stages in (3, 4):
-                    for split_k in (None, 1):
-                        cfg = dict(block_n=block_n, block_k=block_k, num_warps=num_warps, num_stages=num_stages)
-                        plan = decode_plan(m, out_f, in_f, group_size, x.device, split_k, cfg)
-                        key = tuple(sorted((k, v) for k, v in plan.items()))
-                        if key in seen:  # BLOCK_K shrunk to the group: the same launch as before
-                            continue
-                        seen.add(key)
-                        try:
-                            t = do_bench_cudagraph(lambda: quant_linear_triton(
-                                x, qweight, scales, None, group_size, bits, in_f, path="decode", split_k=split_k,
-                                config=cfg)) * 1e-3
-                        except Exception as e:  # out of shared memory / registers: skip the config
-                            print(f"    skip {cfg} split={split_k}: {type(e).__name__}")
-                            continue
-                        results.append((t, cfg, plan["split_k"]))
-    results.sort(key=lambda r: r[0])
-    for t, cfg, split_k in results[:3]:
-        print(f"    sweep M={m}: {t * 1e6:7.1f} us {q_bytes / t / 1e9:6.0f} GB/s  {cfg} split={split_k}")
-
-
 if __name__ == "__main__":
-    import sys
-
-    benchmark(sweep="--sweep" in sys.argv[1:])
+    benchmark()

@@ -37,7 +37,10 @@ one where a sharded value meets a replicated one unreduced.
 
 Options: ``tp`` (ranks; 1 makes the pass a no-op), ``rank`` (default: this process's rank in
 ``torch.distributed``; give it to plan one rank's graph without a process group),
-``shard_strict=True`` to make any region left replicated an error instead of a note.
+``shard_strict=True`` to make any region left replicated an error instead of a note,
+``tp_allreduce="symm_mem"`` to emit ``fxopt.all_reduce`` (``kernels/collectives.py``: a one-shot
+all-reduce over symmetric memory for decode-sized tensors on CUDA, NCCL otherwise) instead of the
+functional NCCL all-reduce.
 
 Example::
 
@@ -55,6 +58,7 @@ import sympy
 import torch
 import torch.fx as fx
 
+from .. import kernels  # noqa: F401 - registers torch.ops.fxopt.all_reduce
 from ..checkpoint import Slice
 from ..errors import PassError
 from ..ir import describe, is_op, module_path, propagate_meta, shape_of, val
@@ -63,6 +67,8 @@ from .canonicalize import getattr_path
 
 aten = torch.ops.aten
 c10d = torch.ops._c10d_functional
+FXOPT_ALL_REDUCE = torch.ops.fxopt.all_reduce.default
+ALL_REDUCE_MODES = ("nccl", "symm_mem")
 
 # ---------------------------------------------------------------------------------------------
 # The spec of a value
@@ -239,7 +245,7 @@ class _Propagator:
             return self.embedding(node)
         if t is c10d.wait_tensor.default:
             return self.spec(node.args[0])
-        if t is c10d.all_reduce.default:
+        if t is c10d.all_reduce.default or t is FXOPT_ALL_REDUCE:
             if self.verify and not self.spec(node.args[0]).partial:
                 raise _Conflict(node, (), "an all-reduce of a value that is not a partial sum")
             return R
@@ -640,6 +646,7 @@ class _Sharder:
     tp: int
     rank: int
     group: str
+    mode: str = "nccl"  # how all-reduces are spelled (ALL_REDUCE_MODES)
     sliced: dict = field(default_factory=dict)  # (target, key) -> new target
     stats: dict = field(default_factory=lambda: {"column": 0, "row": 0, "all_reduce": 0, "vocab": 0, "gather": 0})
 
@@ -663,7 +670,12 @@ class _Sharder:
                 pad_shape[dim] = layout.local - have
                 pieces.append(full.new_zeros(pad_shape))
             value = torch.cat(pieces, dim) if len(pieces) > 1 else pieces[0].clone()
-            target = self._register(wnode.target, value, first=not any(k[0] == wnode.target for k in self.sliced))
+            # Replace the attribute in place only when nothing else reads it: another reader (a tied
+            # weight used replicated elsewhere) must keep seeing the whole tensor.
+            readers = [n for n in self.gm.graph.find_nodes(op="get_attr") if n.target == wnode.target]
+            sole = readers == [wnode] and len(wnode.users) == 1
+            target = self._register(wnode.target, value,
+                                    first=sole and not any(k[0] == wnode.target for k in self.sliced))
             self.sliced[(wnode.target, key)] = target
         with self.gm.graph.inserting_before(wnode):
             new = self.gm.graph.get_attr(target)
@@ -701,6 +713,34 @@ class _Sharder:
             owner.register_parameter(name, torch.nn.Parameter(value, requires_grad=False))
         return ".".join([*parents, name])
 
+    def restore_names(self) -> None:
+        """A weight sliced under a new name (it had other readers while slicing) takes its own name
+        back when the whole original is no longer read and it was sliced one way only: dumps,
+        load plans and state dicts keep the model's names."""
+        graph = self.gm.graph
+        news: dict[str, set] = {}
+        for (orig, _key), new in self.sliced.items():
+            news.setdefault(orig, set()).add(new)
+        read = {n.target for n in graph.find_nodes(op="get_attr")}
+        for orig, targets in news.items():
+            if len(targets) != 1 or orig in read:
+                continue
+            new = next(iter(targets))
+            if new == orig:
+                continue
+            *parents, leaf = orig.split(".")
+            owner = self.gm.get_submodule(".".join(parents)) if parents else self.gm
+            value = getattr_path(self.gm, new)
+            owner._buffers.pop(leaf, None)
+            owner._parameters[leaf] = value if isinstance(value, torch.nn.Parameter) else \
+                torch.nn.Parameter(value, requires_grad=False)
+            *new_parents, new_leaf = new.split(".")
+            new_owner = self.gm.get_submodule(".".join(new_parents)) if new_parents else self.gm
+            new_owner._parameters.pop(new_leaf, None)
+            for n in graph.find_nodes(op="get_attr"):
+                if n.target == new:
+                    n.target = orig
+
     def collective(self, before: fx.Node, op, *args) -> fx.Node:
         graph = self.gm.graph
         with graph.inserting_after(before):
@@ -713,7 +753,12 @@ class _Sharder:
 
     def all_reduce(self, node: fx.Node) -> fx.Node:
         users = list(node.users)
-        w = self.collective(node, c10d.all_reduce.default, node, "sum", self.group)
+        if self.mode == "symm_mem":
+            with self.gm.graph.inserting_after(node):
+                w = self.gm.graph.call_function(FXOPT_ALL_REDUCE, (node, self.group))
+            w.meta["nn_module_stack"] = node.meta.get("nn_module_stack", {})
+        else:
+            w = self.collective(node, c10d.all_reduce.default, node, "sum", self.group)
         for u in users:
             u.replace_input_with(node, w)
         self.stats["all_reduce"] += 1
@@ -863,7 +908,15 @@ class Shard(Pass):
         decisions, specs, gather, notes = decide(gm, tp)
         if notes and ctx.option("shard_strict", False):
             raise PassError("shard: shard_strict=True and " + notes[0])
-        sharder = _Sharder(gm, tp, rank, group)
+        mode = ctx.option("tp_allreduce", "nccl")
+        if mode not in ALL_REDUCE_MODES:
+            raise PassError(f"shard: tp_allreduce must be one of {ALL_REDUCE_MODES}, got {mode!r}")
+        if mode == "symm_mem":
+            from ..kernels.collectives import use_symm_mem
+            if torch.cuda.is_available() and not use_symm_mem():
+                raise PassError("shard: tp_allreduce='symm_mem' needs torch.distributed._symmetric_memory "
+                                "(torch >= 2.6 with CUDA)")
+        sharder = _Sharder(gm, tp, rank, group, mode)
         # shape constants first: they read the specs of the graph as it was
         for node in list(gm.graph.nodes):
             if node.op != "call_function":
@@ -891,6 +944,7 @@ class Shard(Pass):
             elif d.kind != "column":
                 node.meta["fxopt"] = {**(node.meta.get("fxopt") or {}), "shard": f"{d.kind}-parallel"}
         gm.graph.eliminate_dead_code()
+        sharder.restore_names()
         _drop_unused_attributes(gm)
         gm.recompile()
         propagate_meta(gm)

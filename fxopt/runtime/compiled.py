@@ -20,6 +20,7 @@ class CompiledModel(torch.nn.Module):
         self.ctx = ctx
         self._report = report
         self._runner = None
+        self._prefill_gm = False  # built on first use: None when the graph has no single LM head
         self.last_timings: dict = {}  # of the last generate(): prefill_ms, decode_ms_per_token, ...
 
     # -- calling ----------------------------------------------------------------------------
@@ -37,6 +38,19 @@ class CompiledModel(torch.nn.Module):
             if runner is not None:
                 return runner(input_ids, position_ids)
         return self.info.signature.call(self.graph_module, input_ids=input_ids, position_ids=position_ids).logits
+
+    def prefill(self, input_ids: torch.Tensor, position_ids: torch.Tensor, last_index: torch.Tensor) -> torch.Tensor:
+        """A forward over the prompts that returns only the logits at ``last_index`` ([B]) of
+        each row: [B, V]. The LM head runs on those positions only (``last_token.py``)."""
+        if self._prefill_gm is False:
+            from .last_token import last_token_graph
+            self._prefill_gm = last_token_graph(self.graph_module)
+        if self._prefill_gm is None:
+            logits = self.step(input_ids, position_ids)
+            return logits[torch.arange(logits.shape[0], device=logits.device), last_index]
+        flat = self.info.signature.flatten((), dict(input_ids=input_ids, position_ids=position_ids))
+        outputs = self._prefill_gm(*flat, last_index)
+        return self.info.signature.unflatten(outputs).logits[:, 0]
 
     def _cuda_graph_runner(self):
         plan = self.info.state.get("cuda_graph")

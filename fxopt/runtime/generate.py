@@ -164,8 +164,7 @@ def _decode(model, input_ids, attention_mask=None, *, check_every: int, max_new_
         ids[i, :len(row)] = row
     positions = torch.arange(longest).expand(batch, longest)
     lengths = req.lengths.to(device)
-    logits = model.step(ids.to(device), positions.to(device))
-    next_logits = logits[torch.arange(batch, device=device), lengths - 1]
+    next_logits = model.prefill(ids.to(device), positions.to(device), (lengths - 1).to(device))
 
     pad = torch.full((batch,), req.pad, dtype=torch.long, device=device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
