@@ -22,10 +22,10 @@ from pathlib import Path
 import pytest
 import torch
 import transformers as T
-from safetensors.torch import load_file, save_file
 
 import fxopt
 import tp_worker
+from test_checkpoint import _edited_copy
 from families import tiny
 from fxopt.checkpoint import CheckpointError, CheckpointFiles, compile_from_checkpoint, load_checkpoint
 from fxopt.passes.shard import check
@@ -592,12 +592,6 @@ def test_load_gpt2_transposed_blocks_and_tied_head(ckpt):
     _check_sharded_load(compiled, stats, "gpt2", 1, files)
 
 
-def _edited_copy(src, dst, edit):
-    shutil.copytree(src, dst)
-    tensors = load_file(dst / "model.safetensors")
-    edit(tensors)
-    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
-    return dst
 
 
 def test_bad_checkpoint_names_the_tensor_and_the_file(ckpt, tmp_path):
