@@ -185,3 +185,82 @@ def test_compiled_module_input_errors():
         compiled(torch.randint(0, VOCAB, (2, 3)), labels=torch.randint(0, VOCAB, (2, 3)))
     with pytest.raises(fxopt.InputError, match="use_cache"):
         compiled(torch.randint(0, VOCAB, (2, 3)), use_cache=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Approximate passes: a declared tolerance (Pass.tolerance)
+# ---------------------------------------------------------------------------------------------
+
+
+class Nudge(fxopt.Pass):
+    """Scales the linear's output by ``factor``: changes the numbers on purpose when it declares
+    ``bound`` (None: an exact pass that is wrong)."""
+    name = "nudge"
+
+    def __init__(self, factor=1.001, bound=None, name=None):
+        self.factor, self.bound = factor, bound
+        if name:
+            self.name = name
+
+    def run(self, gm, ctx):
+        lin = next(n for n in gm.graph.nodes if is_op(n, aten.linear.default))
+        with gm.graph.inserting_after(lin):
+            scaled = gm.graph.call_function(aten.mul.Tensor, (lin, self.factor))
+        lin.replace_all_uses_with(scaled, delete_user_cb=lambda u: u is not scaled)
+        return fxopt.PassResult(changed=True)
+
+    def tolerance(self, dtype, ctx):
+        return self.bound
+
+
+def test_an_approximate_pass_is_checked_against_its_declared_bound_and_becomes_the_reference():
+    model, x = NegNeg(), (torch.randn(4, 6),)
+    compiled = fxopt.compile(model, example_inputs=x, passes=["canonicalize", Nudge(1.001, 5e-3), DoubleNeg(), "dce"],
+                             verify=True)
+    canon, nudge, fold, dce = compiled.report()
+    assert not canon.approximate and canon.reference == "eager" and canon.tolerance == 1e-4
+    assert nudge.approximate and nudge.tolerance == 5e-3 and nudge.reference == "eager"
+    assert 1e-4 < nudge.step_error == nudge.max_error < 5e-3  # ~1e-3 of the linear's share of the output
+    for later in (fold, dce):  # exact: tightly against the nudged graph; against eager: nudge's error
+        assert not later.approximate and later.reference == "nudge" and later.tolerance == 1e-4
+        assert later.step_error < 1e-6 and later.max_error == pytest.approx(nudge.max_error, rel=1e-3)
+    text = str(compiled.report())
+    assert "step err" in text and "bound" in text and "5.00e-03*" in text
+    # without an approximate pass the table keeps its columns
+    assert "step err" not in str(fxopt.compile(model, example_inputs=x, passes=["canonicalize"], verify=True).report())
+
+
+def test_an_approximate_pass_past_its_bound_fails_naming_the_node():
+    with pytest.raises(fxopt.VerificationError) as e:
+        fxopt.compile(NegNeg(), example_inputs=(torch.randn(4, 6),), passes=["canonicalize", Nudge(1.1, 5e-3)],
+                      verify=True)
+    msg = str(e.value)
+    assert "after pass 'nudge'" in msg and "by more than the pass declares it may" in msg and "> 0.005" in msg
+    assert "first diverging node: %mul_tensor (aten.mul.Tensor" in msg and "which it replaced" in msg
+
+
+def test_an_exact_pass_after_an_approximate_one_is_held_to_the_tight_tolerance():
+    """1e-3 more error would pass the approximate pass's 5e-3 bound against eager; against the
+    approximate graph it is 10x the fp32 tolerance."""
+    passes = ["canonicalize", Nudge(1.001, 5e-3), Nudge(1.001, name="exact_but_wrong"), "dce"]
+    with pytest.raises(fxopt.VerificationError) as e:
+        fxopt.compile(NegNeg(), example_inputs=(torch.randn(4, 6),), passes=passes, verify=True)
+    msg = str(e.value)
+    assert "after pass 'exact_but_wrong', output 0 diverges from the graph after 'nudge'" in msg and "> 0.0001" in msg
+    assert "first diverging node: %mul_tensor_1 (aten.mul.Tensor" in msg
+
+
+def test_a_pass_that_changes_nothing_is_exact_whatever_it_declares():
+    class Idle(fxopt.Pass):
+        name = "idle"
+
+        def run(self, gm, ctx):
+            return fxopt.PassResult(changed=False)
+
+        def tolerance(self, dtype, ctx):
+            return 0.5
+
+    compiled = fxopt.compile(NegNeg(), example_inputs=(torch.randn(4, 6),), passes=["canonicalize", Idle()],
+                             verify=True)
+    idle = compiled.report()[1]
+    assert not idle.approximate and idle.tolerance == 1e-4 and idle.reference == "eager"

@@ -23,8 +23,9 @@ import fxopt
 from families import VOCAB, tiny
 from fxopt.ir import is_op
 from fxopt.kernels.quant import dequantize_weight, quantize_weight
-from fxopt.passes.quantize import (QuantOptions, aligned_group_size, format_quant_report, group_aligned_split,
-                                   head_linears, quant_report, quantize_compiled)
+from fxopt.passes.quantize import (Quantize, QuantOptions, aligned_group_size, format_quant_report,
+                                   group_aligned_split, head_linears, layer_error_estimate, quant_report,
+                                   quantize_compiled, verify_bound)
 from fxopt.quantized_io import QuantizedFileError, load_quantized, read_metadata, save_quantized
 from fxopt.verify import rel_error
 from test_generate import LENGTHS, left_padded_batch
@@ -405,6 +406,110 @@ def test_missing_misshapen_or_corrupt_tensors_are_named(saved, tmp_path):
         load_quantized(meta_copy(model), tmp_path / "nowhere.safetensors")
     with pytest.raises(QuantizedFileError, match="was not compiled with the 'quantize' pass"):
         save_quantized(float_compiled("gpt2")[1], tmp_path / "f.safetensors")
+
+
+# ---------------------------------------------------------------------------------------------
+# verify=True: quantize declares its tolerance (Pass.tolerance, verify_bound)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_verify_passes_with_quantize(family, bits):
+    """The pass is checked against the graph before it with its declared bound; dce after it
+    tightly against the quantized graph; the report shows both errors."""
+    compiled = fxopt.compile(tiny(family), passes=FUSED, verify=True, max_seq_len=64, quant_bits=bits)
+    by_name = {r.name: r for r in compiled.report()}
+    q, dce = by_name["quantize"], by_name["dce"]
+    assert q.approximate and q.reference == "eager"
+    assert q.tolerance == pytest.approx(verify_bound(compiled.ctx, torch.float32))
+    assert LOGITS_BOUND[bits] / 20 < q.step_error < q.tolerance, (q.step_error, q.tolerance)  # measured 1.3e-2 .. 0.41
+    assert q.max_error == pytest.approx(q.step_error, rel=1e-2)  # the exact passes before it add ~1e-7
+    assert not dce.approximate and dce.reference == "quantize" and dce.tolerance == 1e-4 and dce.step_error < 1e-6
+    assert dce.max_error == pytest.approx(q.max_error, rel=1e-3)
+    assert all(r.reference == "eager" and r.max_error < 1e-4 for r in compiled.report()[:3])
+    text = str(compiled.report())
+    assert f"{q.tolerance:.2e}*" in text and "step err" in text
+
+
+def test_verify_bound_follows_bits_and_group_size():
+    """The bound grows with the step: INT4 ≈ 18x INT8 (127 / 7), larger groups a little (their max
+    |w| grows like √(2 ln g)); a whole row counts as a group of its in-features; the dtype's own
+    tolerance is added; quant_verify_tolerance overrides it."""
+    bound = lambda dtype=torch.float32, **o: verify_bound(fxopt.CompileContext(options=o), dtype)  # noqa: E731
+    assert 0.03 < bound(quant_group_size=32) < bound(quant_group_size=64) < bound() < 0.05  # INT8 g128: 0.042
+    assert 0.6 < bound(quant_bits=4, quant_group_size=32) < bound(quant_bits=4) < 0.8
+    assert bound(quant_bits=4) / bound() == pytest.approx(127 / 7, rel=0.02)
+    assert bound(torch.bfloat16) == pytest.approx(bound() - 1e-4 + 2e-2)
+    assert bound(quant_verify_tolerance=0.01) == 0.01
+    assert layer_error_estimate(8, 128) == pytest.approx(7.07e-3, rel=1e-2)  # the measured weight errors: 5-9e-3
+    # after a run, the largest group actually used: rows of 48 and 80 at g128 / "row"
+    _, compiled = quantized("llama", quant_group_size="row")
+    assert verify_bound(compiled.ctx, torch.float32) == pytest.approx(6 * layer_error_estimate(8, 80) + 1e-4)
+
+
+class QuantizeWithBadScales(Quantize):
+    """A quantize-like pass with a bug: one layer's scales 1.5x too large (its weight dequantizes
+    1.5x too large), declaring quantize's tolerance."""
+    name = "quantize_bad_scales"
+
+    def __init__(self, weight: str):
+        self.weight = weight
+
+    def run(self, gm, ctx):
+        result = super().run(gm, ctx)
+        layer = next(r for r in ctx.info.state["quantize"]["layers"] if r["name"] == self.weight)
+        with torch.no_grad():
+            gm.get_buffer(layer["scales"]).mul_(1.5)
+        return result
+
+
+def test_verify_catches_a_broken_quantize_pass_and_names_the_node():
+    bad = QuantizeWithBadScales("model.layers.1.mlp.down_proj.weight")
+    with pytest.raises(fxopt.VerificationError) as e:
+        fxopt.compile(tiny("llama"), passes=["canonicalize", "kv_cache", "fuse", bad, "dce"], verify=True,
+                      max_seq_len=64)
+    msg = str(e.value)
+    assert "after pass 'quantize_bad_scales', output 0 diverges from the graph before it by more than the pass " \
+           "declares it may" in msg, msg
+    err, bound = map(float, re.search(r"relative error ([\d.e-]+) > ([\d.e-]+)", msg).groups())
+    assert 0.1 < err and bound == pytest.approx(verify_bound(fxopt.CompileContext(), torch.float32), rel=0.1)
+    # the layer itself, not a node downstream of it: its quant_linear against the linear it replaced
+    assert re.search(r"first diverging node: %quant_linear_default_\d+ \(fxopt.quant_linear.default in "
+                     r"model.layers.1.mlp.down_proj\): relative error 0.5\d* against %linear_\d+, which it replaced",
+                     msg), msg
+
+
+def test_verify_holds_an_exact_pass_after_quantize_to_the_tight_tolerance():
+    """A pass after quantize that moves the logits by ~1e-3 — 40x inside quantize's bound — is
+    caught at fp32's 1e-4 against the quantized graph, and the node is named."""
+    def nudge(gm):
+        last = [n for n in gm.graph.nodes if is_op(n, QL)][-1]
+        with gm.graph.inserting_after(last):
+            scaled = gm.graph.call_function(aten.mul.Tensor, (last, 1.002))
+        last.replace_all_uses_with(scaled, delete_user_cb=lambda u: u is not scaled)
+        return gm
+
+    with pytest.raises(fxopt.VerificationError) as e:
+        fxopt.compile(tiny("llama"), passes=["canonicalize", "kv_cache", "fuse", "quantize", nudge, "dce"],
+                      verify=True, max_seq_len=64)
+    msg = str(e.value)
+    assert "after pass 'nudge', output 0 diverges from the graph after 'quantize'" in msg and "> 0.0001" in msg, msg
+    err = float(re.search(r"relative error ([\d.e-]+)", msg).group(1))
+    assert 1e-4 < err < 2e-3
+    assert ("first diverging node: %mul_tensor (aten.mul.Tensor): relative error 0.002 against "
+            "%quant_linear_default_7, which it replaced") in msg
+
+
+@pytest.mark.slow
+def test_smollm2_verify_with_int8(smollm2):
+    """The real model at INT8 g64, where the measured error sits closest to the bound (1.5x)."""
+    model, _ = smollm2
+    compiled = fxopt.compile(model, passes=FUSED, verify=True, max_batch_size=2, max_seq_len=16, quant_group_size=64)
+    q = next(r for r in compiled.report() if r.name == "quantize")
+    print(f"\nSmolLM2 verify int8 g64: logits error {q.step_error:.3e}, bound {q.tolerance:.3e}")
+    assert q.approximate and 1e-2 < q.step_error < q.tolerance / 1.3  # measured 2.6e-2 against 3.9e-2
+    assert compiled.report()[-1].reference == "quantize" and compiled.report()[-1].step_error < 1e-6
 
 
 # ---------------------------------------------------------------------------------------------

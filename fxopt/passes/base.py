@@ -54,7 +54,26 @@ class CompileContext:
 
 
 class Pass:
-    """Base class of a graph pass: a ``name`` and ``run(gm, ctx) -> PassResult``."""
+    """Base class of a graph pass: a ``name`` and ``run(gm, ctx) -> PassResult``.
+
+    **Exact or approximate.** A pass is *exact* by default: with ``verify=True`` the manager
+    holds its graph to the dtype tolerance of :mod:`fxopt.verify` (fp32: 1e-4 relative). A pass
+    that changes the numbers on purpose (``quantize``) says so by overriding :meth:`tolerance`:
+    the relative output error it accepts, decided from its options *before* anything is
+    measured (a bound a pass derived from its own measurement would accept its own bugs). The
+    manager then
+
+    - checks the graph after this pass against the outputs of the graph before it with that
+      bound (and names the first node that exceeds it when it fails);
+    - takes the outputs of the graph after this pass as the reference of every later pass: those
+      are checked at the tight dtype tolerance against it (an exact pass after ``quantize`` must
+      still be exact), and their error against the eager model is checked against the sum of the
+      bounds so far;
+    - reports both errors (``PassRecord.max_error`` against eager, ``step_error`` against the
+      reference, ``tolerance``, ``reference``).
+
+    A pass that returns ``changed=False`` is held to the tight tolerance whatever it declares.
+    """
 
     name: str = "pass"
     #: True when the pass only removes nodes, so every surviving node's meta['val'] stays right
@@ -63,6 +82,13 @@ class Pass:
 
     def run(self, gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
         raise NotImplementedError
+
+    def tolerance(self, dtype, ctx: CompileContext) -> float | None:
+        """The relative error (``‖after − before‖ / ‖before‖`` per output) this pass accepts on an
+        output of ``dtype`` on purpose, or None for an exact pass (the default). Called by the
+        pass manager after :meth:`run`, with the same ``ctx``; include the dtype's own rounding
+        (``fxopt.verify.tolerance(dtype)``) in the bound."""
+        return None
 
     def __repr__(self) -> str:
         return f"<pass {self.name}>"

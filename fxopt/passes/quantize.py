@@ -16,6 +16,11 @@ Options (``fxopt.compile(..., quant_bits=8, quant_group_size=64)``):
 ``quant_include``      None         parameter-name globs; only linears whose weight matches one
 ``quant_exclude``      None         parameter-name globs; linears whose weight matches one stay float
 ``quant_placeholders`` False        plan only: meta placeholders, nothing quantized (for loaders)
+``quant_tp_groups``    "align"      after ``shard``, a row-parallel slice whose cuts miss the group
+                                    grid: ``"align"`` (smaller groups on the grid), ``"local"``
+                                    (keep the size, report it) or ``"error"``; see below
+``quant_verify_tolerance`` None     ``verify=True``: the relative output error accepted from this
+                                    pass (default: :func:`verify_bound`)
 ===================== ============ ===============================================================
 
 Which linears: by default every linear inside the decoder blocks, decided from the dataflow, not
@@ -46,8 +51,21 @@ float: the error of this layer alone, not accumulated). Each rewritten node carr
 ``meta['fxopt']`` (the dumps print them), the stats carry the worst, and
 ``ctx.info.state['quantize']`` (:func:`quant_report`) the full per-layer table.
 
-Tensor parallelism: :func:`group_aligned_split` says where a row-parallel split (one that cuts the
-input features) falls on group boundaries.
+Verification: the pass changes the numbers on purpose, and says by how much
+(:meth:`Quantize.tolerance`, :func:`verify_bound`: 6x the expected weight error of one layer at
+the bits and group size used, e.g. 0.042 at INT8 g128, 0.77 at INT4 g128, on top of the dtype's
+tolerance). With ``verify=True`` the pass manager checks the quantized graph against the float
+graph with that bound and the later passes tightly against the quantized graph.
+
+Tensor parallelism: after ``shard`` each rank quantizes its local slices. Column-parallel slices
+(rows) are always quantized as the unsharded model is. A row-parallel slice (input features: the
+groups' axis, ``meta['param_sources']`` entries with a ``Slice`` of dim 1) holds groups of the
+unsharded model only when the cuts fall on multiples of the group size; when they do not,
+:func:`tp_group_size` keeps the unsharded grid with a smaller group (``quant_tp_groups="align"``,
+the default), keeps the size and reports the layer (``"local"``), or refuses (``"error"``). The
+report's rows say which (``tp_slice``, ``tp_groups``, ``requested_group_size``, ``tp_note``), and
+``ctx.info.state['quantize']`` lists ``regrouped`` and ``groups_differ``.
+:func:`group_aligned_split` says where a row-parallel split would have to cut to keep a group size.
 
 Sweeps: :func:`quantize_compiled` quantizes a copy of a compiled float model (no second capture).
 Save and load: ``fxopt/quantized_io.py``. Docs: ``docs/quantization.md``.
@@ -55,6 +73,7 @@ Save and load: ``fxopt/quantized_io.py``. Docs: ``docs/quantization.md``.
 from __future__ import annotations
 
 import fnmatch
+import math
 from dataclasses import dataclass
 
 import torch
@@ -66,6 +85,7 @@ from ..ir import is_op, module_path
 from ..kernels import quant  # noqa: F401 - registers torch.ops.fxopt.quant_linear
 from ..kernels.quant import QMAX, dequantize_weight, n_groups, quant_linear_reference, quantize_weight
 from ..verify import rel_error
+from ..verify import tolerance as verify_tolerance
 from .base import CompileContext, Pass, PassResult, register_pass
 from .canonicalize import getattr_path
 
@@ -75,6 +95,8 @@ LINEARS = (aten.linear.default, QUANT_LINEAR)
 EMBEDDINGS = (aten.embedding.default,)
 DEFAULT_BITS = 8
 DEFAULT_GROUP_SIZE = 128
+TP_GROUP_MODES = ("align", "local", "error")  # quant_tp_groups: see tp_group_size
+MIN_ALIGNED_GROUP = 16  # "align" shrinks a group no further than this (then: groups differ, reported)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -90,6 +112,7 @@ class QuantOptions:
     include: tuple = ()
     exclude: tuple = ()
     placeholders: bool = False  # plan only: meta placeholders even for real weights (loaders)
+    tp_groups: str = "align"  # a row-parallel slice off the unsharded group grid: TP_GROUP_MODES
 
     @classmethod
     def from_ctx(cls, ctx: CompileContext) -> "QuantOptions":
@@ -100,7 +123,8 @@ class QuantOptions:
                    lm_head=bool(ctx.option("quant_lm_head", False)),
                    include=_globs("quant_include", ctx.option("quant_include")),
                    exclude=_globs("quant_exclude", ctx.option("quant_exclude")),
-                   placeholders=bool(ctx.option("quant_placeholders", False)))
+                   placeholders=bool(ctx.option("quant_placeholders", False)),
+                   tp_groups=_tp_groups(ctx.option("quant_tp_groups", "align")))
 
     @property
     def group_label(self):
@@ -120,6 +144,13 @@ def parse_group_size(value) -> int | None:
         raise PassError(f"quantize: quant_group_size must be a positive int (32, 64, 128, ...) or 'row', "
                         f"got {value!r}")
     return size
+
+
+def _tp_groups(value) -> str:
+    if value not in TP_GROUP_MODES:
+        raise PassError(f"quantize: quant_tp_groups must be one of {', '.join(map(repr, TP_GROUP_MODES))}, "
+                        f"got {value!r}")
+    return value
 
 
 def _globs(name: str, value) -> tuple:
@@ -210,6 +241,117 @@ def _why_not_quantizable(gm, node: fx.Node) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Tensor parallelism: groups of a row-parallel slice
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TPGroups:
+    """How the groups of one rank's slice of a row-parallel weight relate to the unsharded model's.
+
+    ``ranges``: the input features ``[start, end)`` of the full weight this rank holds, in local
+    column order; ``size``: the full weight's in-features; ``requested``: the group size asked for
+    (a whole row: ``size``); ``group_size``: the one used; ``status``: ``"aligned"`` (the
+    requested groups lie on the unsharded grid), ``"regrouped"`` (``quant_tp_groups="align"``
+    shrank them to a divisor that does) or ``"differ"`` (this rank's groups are not groups of the
+    unsharded model; ``reason`` says why).
+    """
+
+    ranges: tuple
+    size: int | None
+    requested: int
+    group_size: int
+    status: str
+    reason: str = ""
+
+    @property
+    def slice_label(self) -> str:
+        cols = ", ".join(f"{s}:{e}" for s, e in self.ranges)
+        return f"columns {cols} of {self.size}" if self.size else f"columns {cols}"
+
+
+def input_feature_slices(wnode: fx.Node) -> tuple[list[tuple], int | None] | None:
+    """The input features of the full weight that a tensor-parallel local weight holds, from
+    ``shard``'s provenance (``meta['param_sources']`` entries ``(name, first row, end row,
+    Slice(1, start, end, size))``): ``(blocks, size)``, one tuple of ``(start, end)`` ranges per
+    block of rows (one block unless ``fuse`` concatenated sliced weights), in local column order.
+    None when the weight is not split along its input features (column-parallel, replicated)."""
+    blocks: dict = {}
+    sizes = set()
+    for entry in wnode.meta.get("param_sources") or ():
+        sl = entry[3] if len(entry) > 3 else None
+        if sl is not None and getattr(sl, "dim", None) == 1:
+            blocks.setdefault((entry[1], entry[2]), []).append((int(sl.start), int(sl.end)))
+            sizes.add(sl.size)
+    if not blocks:
+        return None
+    size = sizes.pop() if len(sizes) == 1 else None
+    return [tuple(r) for r in blocks.values()], (int(size) if size is not None else None)
+
+
+def tp_group_size(wnode: fx.Node, in_features: int, group_size: int | None, mode: str = "align") -> TPGroups | None:
+    """The group size for one rank's slice of a weight split along its input features (a
+    row-parallel linear after ``shard``), or None for a weight that is not.
+
+    The unsharded model's groups are ``[k·g, (k+1)·g)`` of the full in-features (``g``: the
+    requested size, at most the row). A rank's local groups start at its first column, so they
+    are groups of that grid exactly when every cut of the split is a multiple of ``g``. The split
+    is equal (``shard``: every rank holds ``d`` columns at multiples of ``d``), so that is
+    ``d % g == 0``, with ``d`` the gcd of this rank's slice starts and widths — the same on every
+    rank, so all ranks decide alike (the slice start alone would not do: rank 0 always starts at 0).
+    Otherwise, by ``mode`` (``quant_tp_groups``):
+
+    - ``"align"`` (default): groups of ``gcd(g, d)``, the largest divisor of ``g`` on which every
+      cut falls: the rank's quantization is then exactly a slice of the unsharded model's at that
+      group size, and never less accurate than the requested one (each smaller group lies inside
+      one requested group, so its scale, the step, is no larger), for more scales: SmolLM2's
+      o_proj (576 in-features) at tp=3, g=128: 192 a rank → groups of 64. When that would be below
+      ``MIN_ALIGNED_GROUP`` (16; or below ``g`` when ``g`` is smaller) the requested size is kept
+      and the layer reported as ``"differ"``.
+    - ``"local"``: keep ``g``, report ``"differ"``: this rank's groups start at its first column
+      (same compression, an accuracy close to the unsharded one, but not equal to it).
+    - ``"error"``: raise :class:`PassError` naming the weight.
+    """
+    found = input_feature_slices(wnode)
+    if found is None:
+        return None
+    blocks, size = found
+    ranges = tuple(r for block in blocks for r in block)
+    requested = group_size if group_size is not None else (size or in_features)
+    as_is = in_features if group_size is None else group_size  # what quantizing the local weight alone uses
+
+    def result(status, used, reason=""):
+        return TPGroups(ranges, size, requested, used, status, reason)
+
+    if any(sum(e - s for s, e in block) != in_features for block in blocks):
+        return result("differ", as_is, f"the local weight's {in_features} columns are not just its slices "
+                                       f"({', '.join(f'{s}:{e}' for s, e in ranges)}): padded")
+    g = min(requested, size) if size else requested
+    d = 0
+    for start, end in ranges:
+        d = math.gcd(d, start, end - start)
+    if d % g == 0:
+        return result("aligned", as_is if g == requested else g)
+    label = f"{wnode.target} holds input features {', '.join(f'{s}:{e}' for s, e in ranges)}" + (
+        f" of {size}" if size else "")
+    aligned = math.gcd(g, d)
+    if mode == "error":
+        raise PassError(f"quantize: {label} (a row-parallel slice): groups of {g} do not line up with the unsharded "
+                        f"model's, the cuts fall every {d} features. quant_tp_groups='align' quantizes it with groups "
+                        f"of {aligned} (a divisor of {g} that keeps the grid), 'local' keeps {g} on this rank's "
+                        f"columns; or choose a group size dividing {d}")
+    if mode == "local":
+        return result("differ", as_is, f"quant_tp_groups='local': groups of {g} from this rank's first column, "
+                                       f"the cuts fall every {d} features")
+    floor = min(MIN_ALIGNED_GROUP, g)
+    if aligned < floor:
+        return result("differ", as_is, f"keeping the unsharded grid would take groups of {aligned} "
+                                       f"(< {floor}): groups of {g} from this rank's first column")
+    return result("regrouped", aligned, f"groups of {g} do not line up with the cuts (every {d} features): "
+                                        f"groups of {aligned} keep the unsharded grid")
+
+
+# ---------------------------------------------------------------------------------------------
 # The pass
 # ---------------------------------------------------------------------------------------------
 
@@ -246,9 +388,11 @@ class Quantize(Pass):
         # ... then one linear at a time: quantize, measure, rewrite, drop the float weight
         table = []
         for node in chosen:
-            w = getattr_path(gm, _linear_args(node)[1].target)
+            wnode = _linear_args(node)[1]
+            w = getattr_path(gm, wnode.target)
             out_f, in_f = w.shape
-            g = in_f if opts.group_size is None else opts.group_size
+            tp = tp_group_size(wnode, int(in_f), opts.group_size, opts.tp_groups)
+            g = tp.group_size if tp is not None else (in_f if opts.group_size is None else opts.group_size)
             if placeholders:
                 q_cols = in_f if opts.bits == 8 else -(-in_f // 2)
                 q = torch.empty(out_f, q_cols, dtype=torch.int8 if opts.bits == 8 else torch.uint8, device="meta")
@@ -256,7 +400,7 @@ class Quantize(Pass):
             else:
                 with torch.no_grad():
                     q, s = quantize_weight(w.detach(), g, opts.bits)
-            row = self._row(node, w, q, s, in_f, g, opts, node in heads)
+            row = self._row(node, w, q, s, in_f, g, opts, node in heads, tp)
             if not placeholders:
                 _measure(row, w, q, s, seen.pop(node, None))
             del w
@@ -268,12 +412,21 @@ class Quantize(Pass):
             ctx.info.state["quantize"] = {
                 "bits": opts.bits, "group_size": opts.group_label, "lm_head": opts.lm_head,
                 "include": list(opts.include), "exclude": list(opts.exclude), "placeholders": placeholders,
-                "layers": table, "kept_float": kept, "note": note}
+                "layers": table, "kept_float": kept, "note": note, "tp_groups": opts.tp_groups,
+                "regrouped": [r["name"] for r in table if r["tp_groups"] == "regrouped"],
+                "groups_differ": [{"name": r["name"], "slice": r["tp_slice"], "group_size": r["group_size"],
+                                   "reason": r["tp_note"]} for r in table if r["tp_groups"] == "differ"]}
         return PassResult(changed=bool(chosen), stats=stats)
+
+    def tolerance(self, dtype, ctx: CompileContext) -> float | None:
+        """What ``verify=True`` accepts from quantization: see :func:`verify_bound`."""
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            return None
+        return verify_bound(ctx, dtype)
 
     # -- the table ------------------------------------------------------------------------
     @staticmethod
-    def _row(node, w, q, s, in_f, g, opts, head) -> dict:
+    def _row(node, w, q, s, in_f, g, opts, head, tp=None) -> dict:
         wnode = _linear_args(node)[1]
         return {
             "name": wnode.target, "module": module_path(node), "node": node.name,
@@ -285,6 +438,12 @@ class Quantize(Pass):
             "quant_bytes": q.numel() * q.element_size() + s.numel() * s.element_size(),
             "bf16_bytes": w.numel() * 2,
             "qweight": None, "scales": None,
+            # a row-parallel slice (shard): its input features, and whether its groups are the unsharded
+            # model's ("aligned", "regrouped": see tp_group_size) or not ("differ", with the reason)
+            "tp_slice": tp.slice_label if tp is not None else None,
+            "tp_groups": tp.status if tp is not None else None,
+            "requested_group_size": tp.requested if tp is not None else None,
+            "tp_note": tp.reason if tp is not None and tp.reason else None,
         }
 
     # -- the rewrite ----------------------------------------------------------------------
@@ -318,6 +477,9 @@ class Quantize(Pass):
             note["w_err"] = f"{row['weight_rel_err']:.2e}"
         if row["output_rel_err"] is not None:
             note["out_err"] = f"{row['output_rel_err']:.2e}"
+        if row["tp_groups"] in ("regrouped", "differ"):
+            note["tp_groups"] = (f"g{row['requested_group_size']}→g{g}" if row["tp_groups"] == "regrouped"
+                                 else f"differ ({row['tp_slice']})")
         new.meta["fxopt"] = note
         row["node"] = new.name  # the quant_linear node in the final graph (and the dumps)
         node.replace_all_uses_with(new)
@@ -334,6 +496,10 @@ class Quantize(Pass):
         stats = {"quantized": len(table), "bits": opts.bits, "group_size": opts.group_label}
         if kept:
             stats["kept_float"] = len(kept)
+        for status in ("regrouped", "groups_differ"):
+            n = sum(r["tp_groups"] == status.replace("groups_", "") for r in table)
+            if n:
+                stats[status] = n
         if not table:
             return stats
         mib = 2 ** 20
@@ -353,6 +519,61 @@ class Quantize(Pass):
         return stats
 
 
+# ---------------------------------------------------------------------------------------------
+# What verify=True accepts
+# ---------------------------------------------------------------------------------------------
+
+#: How much larger than one layer's expected weight error (layer_error_estimate) the relative
+#: error of a model output may be under verify=True. Measured on the capture's example inputs
+#: (random ids, [2, 7]; fp32, torch 2.13 CPU, 2026-11-28), logits error / layer_error_estimate at
+#: the largest group used:
+#:
+#:   tiny llama / mistral / gpt2 / opt (tests/families.py, 2 blocks, in-features 48 and 80),
+#:   INT8 and INT4, groups 32 / 64 / 128 / row, LM head float or quantized:
+#:     llama 3.3-3.7, mistral 2.9-3.4, gpt2 2.0-2.9, opt 1.8-2.2
+#:     (e.g. llama INT8 g32 + head: 2.18e-2 against 5.98e-3; INT4 g32 + head: 0.400 against 0.108)
+#:   SmolLM2-135M (30 blocks, in-features 576 and 1536, real weights with heavier tails):
+#:     INT8 g64 2.62e-2 (4.0), g128 2.48e-2 (3.5), row 3.49e-2 (4.0);
+#:     INT4 g64 0.237 (2.0), g128 0.232 (1.8), row 0.264 (1.7)
+#:
+#: 6 leaves 1.5x above the worst of those (SmolLM2 INT8 g64 and row, the tiny llama). The bounds
+#: it gives: INT8 0.036 (g32), 0.039 (g64), 0.042 (g128), 0.052 (rows of 1536); INT4 0.65, 0.71,
+#: 0.77, 0.95. At INT8 that is tight enough to catch one layer gone wrong (one layer's scales 1.5x
+#: too large: 0.18-0.29 on the tiny models' logits; tests/test_quantize.py); at INT4, where rounding alone
+#: moves the logits by a quarter, it only catches gross errors (a wrong packing or scale layout:
+#: ≈ 1, the error of unrelated logits being ≈ 1.4). quant_verify_tolerance overrides it.
+VERIFY_AMPLIFICATION = 6.0
+
+
+def layer_error_estimate(bits: int, group_size: int) -> float:
+    """The expected relative error ``‖W − deq(Q)‖ / ‖W‖`` of symmetric round-to-nearest with
+    groups of ``group_size`` for a Gaussian weight: a uniform quantizer's rounding error is
+    step / √12, the step is max|w| / qmax over a group, and the largest of g Gaussian values is
+    about σ·√(2 ln g). INT8: 6.0e-3 (g32), 6.6e-3 (g64), 7.1e-3 (g128); INT4: 0.11, 0.12, 0.13."""
+    g = max(int(group_size), 2)
+    return math.sqrt(2 * math.log(g)) / (QMAX[bits] * math.sqrt(12))
+
+
+def verify_bound(ctx: CompileContext, dtype: torch.dtype) -> float:
+    """The relative error of a model output that ``verify=True`` accepts from ``quantize``.
+
+    ``quant_verify_tolerance`` (a float) overrides it; otherwise
+    ``VERIFY_AMPLIFICATION × layer_error_estimate(bits, g) + fxopt.verify.tolerance(dtype)``
+    with ``g`` the largest group the pass used (a whole row: its in-features; without a run,
+    the option). Why 6×: see ``VERIFY_AMPLIFICATION``.
+    """
+    override = ctx.option("quant_verify_tolerance")
+    if override is not None:
+        if isinstance(override, bool) or not isinstance(override, (int, float)) or not override > 0:
+            raise PassError(f"quantize: quant_verify_tolerance must be a positive number, got {override!r}")
+        return float(override)
+    opts = QuantOptions.from_ctx(ctx)
+    state = getattr(ctx.info, "state", {}).get("quantize") if ctx.info is not None else None
+    groups = [min(r["group_size"], r["in_features"]) for r in (state or {}).get("layers", ())]
+    g = max(groups) if groups else (opts.group_size or 4096)
+    return VERIFY_AMPLIFICATION * layer_error_estimate(opts.bits, g) + verify_tolerance(dtype)
+
+
 def _record(gm, ctx, chosen) -> tuple[dict, str | None]:
     """Run the float graph once on the example inputs; per chosen linear, (input, bias, output).
     Returns the records and a note when they could not be made (errors then stay unmeasured)."""
@@ -362,6 +583,9 @@ def _record(gm, ctx, chosen) -> tuple[dict, str | None]:
     inputs = pytree.tree_leaves(((), info.example_inputs))
     if any(isinstance(t, torch.Tensor) and t.is_meta for t in inputs):
         return {}, "example inputs on the meta device: output errors not measured"
+    if _collectives(gm) and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return {}, ("one rank's graph planned without a process group (tp, rank=): it cannot run its collectives, "
+                    "output errors not measured")
     recorder = _LinearRecorder(gm, set(chosen))
     try:
         with torch.no_grad():
@@ -369,6 +593,12 @@ def _record(gm, ctx, chosen) -> tuple[dict, str | None]:
     except Exception as e:  # noqa: BLE001 - the report says so; quantization itself goes on
         return {}, f"output errors not measured: the graph failed on the example inputs ({type(e).__name__}: {e})"
     return recorder.seen, None
+
+
+def _collectives(gm) -> bool:
+    """Does the graph run collectives (``shard``'s all-reduces and gathers)?"""
+    return any(n.op == "call_function" and (str(n.target).startswith("_c10d_functional.")
+                                            or "all_reduce" in str(n.target)) for n in gm.graph.nodes)
 
 
 def _measure(row: dict, w, q, s, seen) -> None:
@@ -483,8 +713,13 @@ def quant_report(compiled) -> list[dict]:
     One dict per quantized linear: ``name`` (weight target), ``module``, ``node``, ``sources``
     (parameter rows of a concatenated weight), ``out_features``, ``in_features``, ``group_size``,
     ``n_groups``, ``bits``, ``head``, ``weight_rel_err``, ``output_rel_err`` (None when not measured),
-    ``float_bytes``, ``quant_bytes``, ``bf16_bytes``, ``qweight``, ``scales`` (buffer targets).
-    Linears left in float, and why: ``compiled.info.state['quantize']['kept_float']``.
+    ``float_bytes``, ``quant_bytes``, ``bf16_bytes``, ``qweight``, ``scales`` (buffer targets);
+    for a row-parallel slice after ``shard`` (else None): ``tp_slice`` ("columns 192:384 of 576"),
+    ``tp_groups`` (``"aligned"``, ``"regrouped"``, ``"differ"``: :class:`TPGroups`),
+    ``requested_group_size``, ``tp_note``.
+    Linears left in float, and why: ``compiled.info.state['quantize']['kept_float']``; row-parallel
+    slices regrouped / whose groups differ from the unsharded model's: ``...['regrouped']``,
+    ``...['groups_differ']``.
     """
     info = getattr(compiled, "info", None)
     if info is None and isinstance(compiled, fx.GraphModule):
@@ -574,5 +809,6 @@ def aligned_group_size(in_features: int, parts: int, candidates=(128, 64, 32, 16
     return next((g for g in candidates if width % g == 0), None)
 
 
-__all__ = ["Quantize", "QuantOptions", "GroupSplit", "aligned_group_size", "format_quant_report", "quantize_compiled",
-           "group_aligned_split", "head_linears", "parse_group_size", "quant_report"]
+__all__ = ["Quantize", "QuantOptions", "GroupSplit", "TPGroups", "aligned_group_size", "format_quant_report",
+           "quantize_compiled", "group_aligned_split", "head_linears", "input_feature_slices", "layer_error_estimate",
+           "parse_group_size", "quant_report", "tp_group_size", "verify_bound"]
