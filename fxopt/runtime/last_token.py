@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from ..ir import TensorSpec, input_specs, is_op, propagate_meta, shape_of, static_dim
+from ..ir import TensorSpec, input_specs, is_op, shape_of, static_dim
 
 aten = torch.ops.aten
 
@@ -67,5 +67,6 @@ def last_token_graph(gm: fx.GraphModule) -> fx.GraphModule | None:
     copy.meta = dict(gm.meta)
     device = next((s.device for s in specs if isinstance(s, TensorSpec)), torch.device("cpu"))
     copy.meta["fxopt_inputs"] = list(specs) + [TensorSpec(torch.long, device, (None,), (2,))]
-    propagate_meta(copy)
+    # No shape propagation here: it would cost a second or more on the first generate() of a
+    # large graph, and nothing that runs this copy reads meta['val'].
     return copy
