@@ -822,7 +822,6 @@ class _Sharder:
         """A split value that leaves the graph: all-gather along its dim (then drop padding)."""
         graph = self.gm.graph
         users = [u for u in node.users if u.op == "output"]
-        rank = len(shape_of(node))
         with graph.inserting_after(node):
             first = graph.call_function(aten.movedim.int, (node, spec.dim, 0))
         with graph.inserting_after(first):
@@ -841,7 +840,6 @@ class _Sharder:
         for u in users:
             u.replace_input_with(node, out)
         self.stats["gather"] += 1
-        del rank
 
     def local_shape_args(self, node: fx.Node, spec_in: ShardSpec, spec_out) -> None:
         """Shape constants of reshape / expand / split that count global features → local."""
