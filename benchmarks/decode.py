@@ -38,8 +38,10 @@ DEV = "cuda"
 VARIANTS = {
     "fxopt": None,
     "fxopt-nofuse": ["canonicalize", "kv_cache", "dce", "cuda_graph"],
-    "fxopt-fuse": ["canonicalize", "kv_cache", "fuse", "dce", "cuda_graph"],
-    "fxopt-int8": ["canonicalize", "kv_cache", "fuse", "quantize", "dce", "cuda_graph"],
+    "fxopt-nofold": ["canonicalize", "kv_cache", "fuse", "dce", "cuda_graph"],
+    "fxopt-int8": ["canonicalize", "kv_cache", "fuse", "quantize", "fold_linear", "dce", "cuda_graph"],
+    "fxopt-int8-nofold": ["canonicalize", "kv_cache", "fuse", "quantize", "dce", "cuda_graph"],
+    "fxopt-pdl": None,  # the default pipeline, decode kernels with programmatic dependent launch (FXOPT_PDL=1)
 }
 
 
@@ -188,8 +190,10 @@ def run_model(name, args, ceil, rows, prefills):
         add("hf-eager", batch, hf_decode(model, model.forward, batch, args.prompt, args.new), peak=peak_gb())
 
     import fxopt
+    from fxopt.kernels import triton_env
     for system in args.variants:
         passes = VARIANTS[system]
+        triton_env.PDL_ENABLED = system.endswith("-pdl")
         try:
             torch.cuda.reset_peak_memory_stats()
             t0 = time.perf_counter()
@@ -205,6 +209,7 @@ def run_model(name, args, ceil, rows, prefills):
             traceback.print_exc()
             rows.append(dict(model=name, system=system, error=repr(e)[:500]))
         compiled = None
+        triton_env.PDL_ENABLED = False
         gc.collect()
         torch.cuda.empty_cache()
     flops = 2 * sum(p.numel() for n, p in model.named_parameters() if "embed" not in n) * args.prefill

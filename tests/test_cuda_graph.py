@@ -98,3 +98,37 @@ def test_capture_failure_names_the_culprit_or_falls_back_with_a_warning():
         out = lenient.generate(ids, attention_mask=mask, max_new_tokens=3)
     eager = fxopt.compile(model, passes=passes[:-1], max_seq_len=32)
     assert torch.equal(out, eager.generate(ids, attention_mask=mask, max_new_tokens=3))
+
+
+def test_prefill_length_buckets():
+    from fxopt.runtime.prefill_graph import length_buckets
+
+    assert length_buckets(16) == [16]
+    assert length_buckets(100) == [16, 32, 64, 100]
+    assert length_buckets(2056) == [16, 32, 64, 128, 256, 512, 1024, 2048, 2056]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_captured_prefill_equals_uncaptured(dtype):
+    """Prompts of several lengths and batch sizes, padded up to their bucket inside the graph, give
+    the logits the uncaptured prefill gives (and in fp32 the same tokens); a bucket is reused for
+    the other lengths in it. (Padding changes the GEMMs' row count, so cuBLAS may sum in another
+    order: bf16 logits agree to bf16's tolerance, not bit for bit.)"""
+    model = tiny("llama").to("cuda", dtype)
+    graphs = fxopt.compile(model, max_batch_size=8, max_seq_len=64)
+    eager = fxopt.compile(model, passes=["canonicalize", "kv_cache", "fuse", "fold_linear", "dce"],
+                          max_batch_size=8, max_seq_len=64)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    for n, width in ((1, 5), (3, 9), (1, 16), (3, 13), (2, 40)):  # buckets 16, 16, 16, 16, 64
+        ids, _ = _batch(n, width, seed=width)
+        ids = ids.cuda()
+        pos = torch.arange(width, device="cuda").expand(n, width)
+        last = torch.arange(n, device="cuda") % width  # a different position per row
+        got = graphs.prefill(ids, pos, last).clone()
+        torch.testing.assert_close(got, eager.prefill(ids, pos, last), **tol)
+        if dtype == torch.float32:
+            _, mask = _batch(n, width, seed=width)
+            a = graphs.generate(ids.cpu(), attention_mask=mask, max_new_tokens=8)
+            assert torch.equal(a, eager.generate(ids.cpu(), attention_mask=mask, max_new_tokens=8)), (n, width)
+    assert sorted(graphs._prefill_runner.graphs) == [(1, 16), (2, 64), (3, 16)]

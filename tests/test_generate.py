@@ -156,3 +156,18 @@ def test_prefill_without_a_single_head_falls_back_to_all_logits():
     pos = torch.arange(5).expand(2, -1)
     want = compiled(input_ids=ids, position_ids=pos).logits[torch.arange(2), torch.tensor([4, 1])]
     torch.testing.assert_close(compiled.prefill(ids, pos, torch.tensor([4, 1])), want)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_chunked_argmax_is_argmax(device):
+    """Greedy picks over a long vocabulary in two steps; the same index as argmax, ties included
+    (the first maximum wins, across slices and within one)."""
+    from fxopt.runtime.generate import chunked_argmax, greedy
+
+    g = torch.Generator().manual_seed(0)
+    for rows, vocab, chunks in [(1, 128256, 256), (3, 32000, 256), (5, 49152, 64), (2, 96, 16)]:
+        logits = torch.randn(rows, vocab, generator=g).to(torch.bfloat16).to(device)  # bf16: many ties
+        logits[0, vocab // 3] = logits[0, vocab - 1] = logits[0, 5] = 50.0  # three maxima in three slices
+        assert torch.equal(chunked_argmax(logits, chunks), logits.argmax(-1))
+        assert torch.equal(greedy(logits), logits.argmax(-1))
+        assert chunked_argmax(logits, chunks)[0] == 5

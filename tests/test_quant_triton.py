@@ -427,3 +427,26 @@ def test_gpu_decode_in_cuda_graph(m, fused, bits, monkeypatch):
         graph.replay()
         expected = quant_linear_reference(x, qweight, scales, bias, group, bits, k)
         torch.testing.assert_close(out, expected, **TOL[dtype])
+
+
+# --------------------------------------------------------------------------------------------- #
+# Folded prologue and residual (fold_linear): in the decode kernel for one row, composed for more
+# --------------------------------------------------------------------------------------------- #
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("prologue", ["rms_norm", "gated_silu", "gated_gelu_tanh", "none"])
+@pytest.mark.parametrize("m, k, group", [(1, 99, 32), (1, 576, 128), (3, 100, 64)])
+def test_folded_prologue_and_residual(m, k, group, prologue, bits):
+    dtype, n = torch.float32, 37
+    g = torch.Generator().manual_seed(k + m)
+    x, qweight, scales, _ = make_case(m, n, k, group, bits, dtype, bias=False, seed=k)
+    if prologue.startswith("gated_"):
+        x = torch.randn(m, 2 * k, generator=g).to(DEVICE)  # [gate | up]
+    norm_weight = (torch.rand(k, generator=g) + 0.5).to(DEVICE) if prologue == "rms_norm" else None
+    residual = torch.randn(m, n, generator=g).to(DEVICE)
+    args = (x, qweight, scales, None, group, bits, k, residual, prologue, norm_weight, 1e-5)
+    expected = quant_linear_reference(*args)
+    got = qt.quant_linear_triton(*args)
+    assert not torch.isnan(got).any()
+    # rms_norm: rstd scales the fp32 sum instead of each input element (a few ulps apart)
+    torch.testing.assert_close(got, expected, atol=5e-5, rtol=5e-5)

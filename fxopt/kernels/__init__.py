@@ -5,7 +5,7 @@ One file per op family: ``attention`` (cached attention), ``norm`` (RMSNorm / La
 residual add), ``rotary`` (RoPE on q and k), ``activation`` (gated MLP activations). Files named
 ``*_triton.py`` hold the Triton kernels and register them as the CUDA implementations.
 """
-from . import activation, attention, collectives, norm, quant, rotary  # noqa: F401 - define torch.ops.fxopt.*
+from . import activation, attention, collectives, linear, norm, quant, rotary  # noqa: F401 - define torch.ops.fxopt.*
 
 import os as _os
 

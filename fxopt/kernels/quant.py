@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .linear import apply_prologue, check_prologue, empty_output
+
 QMAX = {8: 127, 4: 7}
 
 
@@ -65,17 +67,27 @@ def dequantize_weight(qweight: Tensor, scales: Tensor, group_size: int, bits: in
 
 
 def quant_linear_reference(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None, group_size: int,
-                           bits: int, in_features: int) -> Tensor:
+                           bits: int, in_features: int, residual: Tensor | None = None, prologue: str = "none",
+                           norm_weight: Tensor | None = None, eps: float = 0.0) -> Tensor:
+    """``F.linear`` with the dequantized weight; ``residual`` / ``prologue`` / ``norm_weight`` /
+    ``eps`` fold the norm or gated activation before it and the residual add after it, exactly as
+    ``fxopt.linear`` does (``fold_linear`` writes them)."""
+    check_prologue(prologue, norm_weight)
+    x = apply_prologue(x, prologue, norm_weight, eps)
     w = dequantize_weight(qweight, scales, group_size, bits, in_features, x.dtype)
-    return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+    y = F.linear(x, w, None if bias is None else bias.to(x.dtype))
+    return y if residual is None else y + residual
 
 
 @torch.library.custom_op("fxopt::quant_linear", mutates_args=())
 def quant_linear(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None, group_size: int, bits: int,
-                 in_features: int) -> Tensor:
-    return quant_linear_reference(x, qweight, scales, bias, group_size, bits, in_features)
+                 in_features: int, residual: Tensor | None = None, prologue: str = "none",
+                 norm_weight: Tensor | None = None, eps: float = 0.0) -> Tensor:
+    return quant_linear_reference(x, qweight, scales, bias, group_size, bits, in_features, residual, prologue,
+                                  norm_weight, eps)
 
 
 @quant_linear.register_fake
-def _(x, qweight, scales, bias, group_size, bits, in_features):
-    return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+def _(x, qweight, scales, bias, group_size, bits, in_features, residual=None, prologue="none", norm_weight=None,
+      eps=0.0):
+    return empty_output(x, qweight.shape[0], residual, norm_weight)

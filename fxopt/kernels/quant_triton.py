@@ -100,6 +100,8 @@ import itertools
 import torch
 from torch import Tensor
 
+from .linear import check_prologue, gated_kind
+from .linear_triton import _input_block
 from .quant import n_groups, quant_linear, quant_linear_reference
 
 from .triton_env import INTERPRET, jit as _jit, tl, triton
@@ -171,6 +173,8 @@ DECODE_TILES = {  # from benchmarks/quant_sweep.py on an H200, bf16, group 128, 
         (MAX_DECODE_BLOCK_M, dict(block_k=128, block_n=128)),  # 1.02x
     ),
 }
+# Rows a program at least, for a decode launch with a prologue (fold_linear).
+FOLDED_MIN_BLOCK_N = 16
 # A split must own at least this many K blocks, or the partials cost more than the occupancy gains.
 DECODE_MIN_BLOCKS_PER_SPLIT = 2
 REDUCE_BLOCK_N = 256
@@ -319,16 +323,14 @@ def _run_sums(p, BLOCK_N: tl.constexpr, WIDTH: tl.constexpr, RUN: tl.constexpr):
 
 
 @_jit
-def _gemv_block(X, QW, SC, rows, mask_n, k0, K, row_bytes, stride_qn, stride_sn,
+def _gemv_block(x, QW, SC, rows, mask_n, k0, K, row_bytes, stride_qn, stride_sn,
                 GROUP_SIZE: tl.constexpr, BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                 SUB: tl.constexpr, MAGIC: tl.constexpr):
-    """One K block of the M = 1 GEMV: scale * sum(q * x) per run of SUB features, [BLOCK_N, BLOCK_K // SUB].
+    """One K block of the M = 1 GEMV: scale * sum(q * x) per run of SUB features, [BLOCK_N, BLOCK_K // SUB],
+    for x (fp32, [BLOCK_K]) the block of the input at ``k0``.
 
     A weight costs its product and its share of the run's add tree (the product is exact in fp32:
     |q| <= 127 has 7 bits, x at most 24); the scale multiplies run sums, not weights."""
-    offs_k = k0 + tl.arange(0, BLOCK_K)
-    # x is tiny and read by every program: keep it in L2.
-    x = tl.load(X + offs_k, mask=offs_k < K, other=0.0, eviction_policy="evict_last").to(tl.float32)
     if BITS == 8:
         q = _int8_to_f32(_load_weight_bytes(QW, rows, mask_n, k0, row_bytes, stride_qn, BLOCK_K, 0), MAGIC)
         sums = _run_sums(q * x[None, :], BLOCK_N, BLOCK_K, SUB)
@@ -401,15 +403,20 @@ def _round_to(w, DT: tl.constexpr, SOFT_RNE: tl.constexpr):
 
 
 @_jit
-def _store_output(Y, BIAS, acc, offs_m, offs_n, M, N, stride_ym, HAS_BIAS: tl.constexpr):
-    """The epilogue: acc (fp32 [BLOCK_M, BLOCK_N]) + bias, rounded once into Y [M, N]."""
+def _store_output(Y, BIAS, acc, offs_m, offs_n, M, N, stride_ym, HAS_BIAS: tl.constexpr,
+                  RES=None, HAS_RES: tl.constexpr = False):
+    """The epilogue: acc (fp32 [BLOCK_M, BLOCK_N]) + bias (+ residual, laid out as Y), rounded once
+    into Y [M, N]."""
     mask_n = offs_n < N
     if HAS_BIAS:
         # Rounded to the output dtype first, as the reference's bias.to(x.dtype).
         b = tl.load(BIAS + offs_n, mask=mask_n, other=0.0).to(Y.dtype.element_ty).to(tl.float32)
         acc = acc + b[None, :]
-    y_ptrs = Y + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
-    tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=(offs_m < M)[:, None] & mask_n[None, :])
+    offsets = offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
+    mask = (offs_m < M)[:, None] & mask_n[None, :]
+    if HAS_RES:
+        acc = acc + tl.load(RES + offsets, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Y + offsets, acc.to(Y.dtype.element_ty), mask=mask)
 
 
 @_jit
@@ -440,17 +447,19 @@ def _store_split(Y, BIAS, PART, CNT, acc, offs_m, offs_n, M, N, stride_ym, pid_n
 
 @_jit_kernel("M", "stride_sn", "n_splits")
 def _decode_kernel(
-    X, QW, SC, BIAS, Y, PART, CNT,
-    M, N, K, row_bytes, stride_xm, stride_qn, stride_sn, stride_ym, k_per_split, n_splits,
+    X, QW, SC, BIAS, Y, PART, CNT, RES, G,
+    M, N, K, row_bytes, stride_xm, stride_qn, stride_sn, stride_ym, k_per_split, n_splits, eps,
     GROUP_SIZE: tl.constexpr, BITS: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
     FUSED_REDUCE: tl.constexpr, SUB: tl.constexpr, MAGIC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    NUM_STAGES: tl.constexpr,
+    NUM_STAGES: tl.constexpr, PROLOGUE: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr,
 ):
     """All M (<= BLOCK_M) rows of x times BLOCK_N weight rows, over one split of K.
 
     ``k_per_split`` is a multiple of BLOCK_K, so no block straddles two splits and K is the only
-    ragged edge. Without SPLIT the kernel writes Y (with the bias); with it, fp32 partials."""
+    ragged edge. Without SPLIT the kernel writes Y (with the bias); with it, fp32 partials.
+    M = 1 without SPLIT may fold a prologue (PROLOGUE 1: rms_norm with weight G, 2: gated
+    activation ACT over X = [gate | up]) and a residual RES, as ``linear_triton`` does."""
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -463,10 +472,15 @@ def _decode_kernel(
     if BLOCK_M == 1:
         # GEMV on the FMA units: fp32 run sums, one cross-lane reduction at the very end.
         acc_runs = tl.zeros([BLOCK_N, BLOCK_K // SUB], dtype=tl.float32)
+        sum_sq = tl.zeros([BLOCK_K], dtype=tl.float32)
         for k0 in tl.range(k_start, k_stop, BLOCK_K, num_stages=NUM_STAGES):
-            acc_runs += _gemv_block(X, QW, SC, rows, mask_n, k0, K, row_bytes, stride_qn, stride_sn,
+            x, squares = _input_block(X, G, k0 + tl.arange(0, BLOCK_K), K, PROLOGUE, ACT, X.dtype.element_ty)
+            sum_sq += squares
+            acc_runs += _gemv_block(x, QW, SC, rows, mask_n, k0, K, row_bytes, stride_qn, stride_sn,
                                     GROUP_SIZE, BITS, BLOCK_N, BLOCK_K, SUB, MAGIC)
         acc = tl.sum(acc_runs, axis=1)[None, :]
+        if PROLOGUE == 1:
+            acc = acc / tl.sqrt(tl.sum(sum_sq, axis=0) / K + eps)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         x_rows = X + offs_m[:, None] * stride_xm
@@ -483,7 +497,7 @@ def _decode_kernel(
         _store_split(Y, BIAS, PART, CNT, acc, offs_m, offs_n, M, N, stride_ym, pid_n, split, n_splits,
                      HAS_BIAS, FUSED_REDUCE, BLOCK_M, BLOCK_N)
     else:
-        _store_output(Y, BIAS, acc, offs_m, offs_n, M, N, stride_ym, HAS_BIAS)
+        _store_output(Y, BIAS, acc, offs_m, offs_n, M, N, stride_ym, HAS_BIAS, RES, HAS_RES)
 
 
 @_jit_kernel("M", "n_splits")
@@ -683,8 +697,16 @@ def _split_counters(device: torch.device, n: int) -> Tensor | None:
     return buf
 
 
-def _decode(x2, qweight, scales, bias, y2, group_size, bits, in_features, split_k, config):
+def _decode(x2, qweight, scales, bias, y2, group_size, bits, in_features, split_k, config,
+            residual2=None, prologue="none", norm_weight=None, eps=0.0):
     m, n = y2.shape
+    folded = prologue != "none" or residual2 is not None
+    if folded:
+        split_k = 1  # a norm needs the whole row, the residual is added once
+    if prologue != "none" and config is None:
+        # Every program computes the prologue over all of K: more rows a program amortize it (the
+        # int8 GEMV has few instructions to spare per weight, see the module docstring).
+        config = dict(block_n=max(FOLDED_MIN_BLOCK_N, decode_tiles(m, bits)["block_n"]))
     plan = decode_plan(m, n, in_features, group_size, y2.device, split_k, config, bits=bits)
     split_k = plan["split_k"]
     n_blocks = triton.cdiv(n, plan["block_n"])
@@ -693,8 +715,11 @@ def _decode(x2, qweight, scales, bias, y2, group_size, bits, in_features, split_
     # Pointers a constexpr flag keeps from being read get some tensor (x).
     _decode_kernel[(n_blocks, split_k)](
         x2, qweight, scales, bias if bias is not None else x2, y2, partials, counters if counters is not None else x2,
+        residual2 if residual2 is not None else x2, norm_weight if norm_weight is not None else x2,
         m, n, in_features, qweight.shape[1], x2.stride(0), qweight.stride(0), scales.stride(0), y2.stride(0),
-        plan["k_per_split"], split_k,
+        plan["k_per_split"], split_k, float(eps),
+        PROLOGUE=2 if gated_kind(prologue) else (1 if prologue == "rms_norm" else 0),
+        ACT=gated_kind(prologue) or "silu", HAS_RES=residual2 is not None,
         GROUP_SIZE=plan["group"], BITS=bits, HAS_BIAS=bias is not None, SPLIT=split_k > 1,
         FUSED_REDUCE=counters is not None, SUB=plan["sub"], MAGIC=plan["magic"],
         BLOCK_M=plan["block_m"], BLOCK_N=plan["block_n"], BLOCK_K=plan["block_k"],
@@ -798,16 +823,23 @@ def _weight_supported(qweight: Tensor, scales: Tensor, group_size: int, bits: in
 
 
 def supported(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None, group_size: int, bits: int,
-              in_features: int) -> bool:
+              in_features: int, residual: Tensor | None = None, prologue: str = "none",
+              norm_weight: Tensor | None = None) -> bool:
     """Whether the kernels take these arguments (the layout of ``quant.py``, float activations,
-    one device); the CUDA implementation falls back to the reference otherwise."""
+    one device, a residual of the output's shape and dtype); the CUDA implementation falls back to
+    the reference otherwise."""
     if not _weight_supported(qweight, scales, group_size, bits, in_features):
         return False
-    if x.dim() == 0 or x.dtype not in DTYPES or x.shape[-1] != in_features:
+    x_features = 2 * in_features if gated_kind(prologue) else in_features
+    if x.dim() == 0 or x.dtype not in DTYPES or x.shape[-1] != x_features:
         return False
     if bias is not None and (bias.shape != (qweight.shape[0],) or bias.dtype not in DTYPES):
         return False
-    return len({t.device for t in (x, qweight, scales, bias) if t is not None}) == 1
+    if residual is not None and (residual.shape != (*x.shape[:-1], qweight.shape[0]) or residual.dtype != x.dtype):
+        return False
+    if norm_weight is not None and (norm_weight.shape != (in_features,) or norm_weight.dtype != x.dtype):
+        return False
+    return len({t.device for t in (x, qweight, scales, bias, residual, norm_weight) if t is not None}) == 1
 
 
 def _unit_last_stride(t: Tensor) -> Tensor:
@@ -826,10 +858,14 @@ def default_path(m: int) -> str:
 
 
 def quant_linear_triton(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None, group_size: int,
-                        bits: int, in_features: int, *, out: Tensor | None = None, path: str | None = None,
-                        split_k: int | None = None, config: dict | None = None) -> Tensor:
+                        bits: int, in_features: int, residual: Tensor | None = None, prologue: str = "none",
+                        norm_weight: Tensor | None = None, eps: float = 0.0, *, out: Tensor | None = None,
+                        path: str | None = None, split_k: int | None = None, config: dict | None = None) -> Tensor:
     """``quant_linear_reference`` on the Triton kernels (CUDA tensors, or CPU tensors under
     ``TRITON_INTERPRET=1``). No host sync: safe to capture in a CUDA graph.
+
+    A prologue and a residual (``fold_linear``) run inside the decode kernel for one row; for more
+    rows the prologue's own kernel runs first and the residual is added after.
 
     ``out`` (contiguous, ``[*x.shape[:-1], out_features]``, ``x.dtype``) is written instead of a new
     tensor. For tests and tuning: ``path`` ("decode", "prefill" or "dequant") overrides
@@ -841,8 +877,19 @@ def quant_linear_triton(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor
         raise RuntimeError("quant_linear_triton: triton is not installed")
     if x.device.type != "cuda" and not INTERPRET:
         raise RuntimeError("quant_linear_triton: CPU tensors need TRITON_INTERPRET=1 set before fxopt is imported")
-    if not supported(x, qweight, scales, bias, group_size, bits, in_features):
+    check_prologue(prologue, norm_weight)
+    if not supported(x, qweight, scales, bias, group_size, bits, in_features, residual, prologue, norm_weight):
         raise ValueError("quant_linear_triton: unsupported arguments (see supported()); use the reference")
+    m = x.numel() // x.shape[-1]
+    folded = prologue != "none" or residual is not None
+    if folded and (m != 1 or (path or default_path(m)) != "decode"):
+        if prologue == "rms_norm":
+            x = torch.ops.fxopt.rms_norm(x, norm_weight, eps)
+        elif gated_kind(prologue):
+            x = torch.ops.fxopt.gated_act(x, gated_kind(prologue))
+        y = quant_linear_triton(x, qweight, scales, bias, group_size, bits, in_features, out=out, path=path,
+                                split_k=split_k, config=config)
+        return y if residual is None else y.add_(residual)
     out_features = qweight.shape[0]
     shape = (*x.shape[:-1], out_features)
     if out is None:
@@ -853,13 +900,15 @@ def quant_linear_triton(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor
     if out.numel() == 0:
         return out
     # x as [M, K] with a unit column stride: a view when the leading dims merge, else a copy.
-    x2 = _unit_last_stride(x).reshape(-1, in_features)
+    x2 = _unit_last_stride(x).reshape(-1, x.shape[-1])
     y2 = out.view(-1, out_features)
     qweight, scales = _unit_last_stride(qweight), _unit_last_stride(scales)
     bias = bias.contiguous() if bias is not None else None
     path = default_path(x2.shape[0]) if path is None else path
     if path == "decode":
-        _decode(x2, qweight, scales, bias, y2, group_size, bits, in_features, split_k, config)
+        residual2 = residual.reshape(-1, out_features).contiguous() if residual is not None else None
+        _decode(x2, qweight, scales, bias, y2, group_size, bits, in_features, split_k, config, residual2,
+                prologue, norm_weight.contiguous() if norm_weight is not None else None, eps)
     elif path == "prefill":
         _prefill(x2, qweight, scales, bias, y2, group_size, bits, in_features, config)
     elif path == "dequant":
@@ -873,10 +922,12 @@ def quant_linear_triton(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor
 # Registration as the CUDA implementation of the custom op
 # --------------------------------------------------------------------------------------------- #
 
-def _cuda_impl(x, qweight, scales, bias, group_size, bits, in_features):
-    if supported(x, qweight, scales, bias, group_size, bits, in_features):
-        return quant_linear_triton(x, qweight, scales, bias, group_size, bits, in_features)
-    return quant_linear_reference(x, qweight, scales, bias, group_size, bits, in_features)
+def _cuda_impl(x, qweight, scales, bias, group_size, bits, in_features, residual=None, prologue="none",
+               norm_weight=None, eps=0.0):
+    args = (x, qweight, scales, bias, group_size, bits, in_features, residual, prologue, norm_weight, eps)
+    if supported(*args[:-1]):
+        return quant_linear_triton(*args)
+    return quant_linear_reference(*args)
 
 
 def register() -> bool:

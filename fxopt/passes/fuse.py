@@ -23,6 +23,9 @@ d. **activations** — ``act(gate) * up`` over the two halves of a concatenated 
    out in ATen), relu.
 e. attention is ``kv_cache``'s business: an SDPA left in the graph stays as it is.
 
+The pass after it, ``fold_linear``, folds the norms, gated activations and residual adds it made
+into the linears around them.
+
 Everything is decided from the dataflow; names only label the report. User patterns
 (``fxopt.patterns.register_pattern``) run after the built-in ones (``first=True``: before all).
 Option ``fuse_skip=[...]``: names of patterns (or ``"concat"``) to leave out.

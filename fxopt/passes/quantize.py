@@ -88,10 +88,11 @@ from ..verify import rel_error
 from ..verify import tolerance as verify_tolerance
 from .base import CompileContext, Pass, PassResult, register_pass
 from .canonicalize import getattr_path
+from .fold_linear import fold_linears, unfold_linears
 
 aten = torch.ops.aten
 QUANT_LINEAR = torch.ops.fxopt.quant_linear.default
-LINEARS = (aten.linear.default, QUANT_LINEAR)
+LINEARS = (aten.linear.default, QUANT_LINEAR, torch.ops.fxopt.linear.default)
 EMBEDDINGS = (aten.embedding.default,)
 DEFAULT_BITS = 8
 DEFAULT_GROUP_SIZE = 128
@@ -363,6 +364,10 @@ class Quantize(Pass):
     def run(self, gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
         opts = QuantOptions.from_ctx(ctx)
         graph = gm.graph
+        # A graph that went through fold_linear already: its fxopt.linear nodes back to plain
+        # linears, folded again at the end around whatever stays float. (Put quantize before
+        # fold_linear and this does not happen: node names, and so verify's reports, stay put.)
+        unfolded = unfold_linears(gm)
         heads = head_linears(gm)
         chosen, kept = [], []
         for node in list(graph.nodes):
@@ -407,6 +412,8 @@ class Quantize(Pass):
             self._rewrite(gm, node, q, s, in_f, g, opts, row)
             table.append(row)
 
+        if unfolded:
+            fold_linears(gm, quant=bool(ctx.option("fold_quant_linear", False)))
         stats = self._stats(table, kept, opts, placeholders)
         if ctx.info is not None:
             ctx.info.state["quantize"] = {

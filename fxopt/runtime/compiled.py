@@ -21,6 +21,7 @@ class CompiledModel(torch.nn.Module):
         self._report = report
         self._runner = None
         self._prefill_gm = False  # built on first use: None when the graph has no single LM head
+        self._prefill_runner = None
         self.last_timings: dict = {}  # of the last generate(): prefill_ms, decode_ms_per_token, ...
 
     # -- calling ----------------------------------------------------------------------------
@@ -41,13 +42,25 @@ class CompiledModel(torch.nn.Module):
 
     def prefill(self, input_ids: torch.Tensor, position_ids: torch.Tensor, last_index: torch.Tensor) -> torch.Tensor:
         """A forward over the prompts that returns only the logits at ``last_index`` ([B]) of
-        each row: [B, V]. The LM head runs on those positions only (``last_token.py``)."""
+        each row: [B, V]. The LM head runs on those positions only (``last_token.py``).
+
+        With the ``cuda_graph`` pass, prefills replay CUDA graphs too (``prefill_graph.py``); the
+        logits are then a view of the graph's static output, valid until the next prefill.
+        """
         if self._prefill_gm is False:
             from .last_token import last_token_graph
             self._prefill_gm = last_token_graph(self.graph_module)
         if self._prefill_gm is None:
             logits = self.step(input_ids, position_ids)
             return logits[torch.arange(logits.shape[0], device=logits.device), last_index]
+        plan = self.info.state.get("cuda_graph")
+        if plan is not None and input_ids.is_cuda:
+            if self._prefill_runner is None:
+                from .prefill_graph import PrefillGraphRunner
+                self._prefill_runner = PrefillGraphRunner(self._prefill_gm, self.info.signature,
+                                                          max_seq_len=self.kv_cache["max_seq_len"],
+                                                          fallback=plan["fallback"])
+            return self._prefill_runner(input_ids, position_ids, last_index)
         flat = self.info.signature.flatten((), dict(input_ids=input_ids, position_ids=position_ids))
         outputs = self._prefill_gm(*flat, last_index)
         return self.info.signature.unflatten(outputs).logits[:, 0]

@@ -96,19 +96,25 @@ class CUDAGraphRunner:
             with torch.cuda.graph(graph, pool=self.pool):
                 out = self.gm(*flat)
         except Exception as e:  # noqa: BLE001 - name the culprit, or fall back if asked to
-            culprit = _find_uncapturable(self.gm, flat)
-            message = (f"decode step for batch bucket {size} could not be captured into a CUDA graph: "
-                       f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                       + (f"\n  culprit: {culprit}" if culprit else ""))
-            if not self.fallback:
-                raise CUDAGraphError(message) from e
-            warnings.warn(message + "\n  falling back to eager decode", stacklevel=3)
+            capture_failed(f"decode step for batch bucket {size}", e, self.gm, flat, self.fallback, "eager decode")
             self.failed = True
-            torch.cuda.synchronize()
             return None
         captured = _Captured(graph, ids, pos, out[0])
         self.graphs[size] = captured
         return captured
+
+
+def capture_failed(what: str, error: Exception, gm: fx.GraphModule, flat, fallback: bool, instead: str) -> None:
+    """A capture raised ``error``: raise a CUDAGraphError naming the node at fault or, with
+    ``fallback``, warn that ``instead`` runs from now on."""
+    culprit = _find_uncapturable(gm, flat)
+    message = (f"{what} could not be captured into a CUDA graph: "
+               f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+               + (f"\n  culprit: {culprit}" if culprit else ""))
+    if not fallback:
+        raise CUDAGraphError(message) from error
+    warnings.warn(message + f"\n  falling back to {instead}", stacklevel=4)
+    torch.cuda.synchronize()
 
 
 def _find_uncapturable(gm: fx.GraphModule, flat) -> str | None:

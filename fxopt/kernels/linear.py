@@ -1,0 +1,91 @@
+"""A linear layer with what surrounds it in a decoder block folded in: ``torch.ops.fxopt.linear``.
+
+    y = linear(x, weight, bias, residual, prologue, norm_weight, eps)
+
+is, in plain PyTorch (``linear_reference``)::
+
+    a = x                                       # prologue "none"
+    a = rms_norm(x, norm_weight, eps)           # prologue "rms_norm"
+    a = gated_act(x, kind)                      # prologue "gated_<kind>": x = [gate | up], kind silu/gelu/...
+    y = F.linear(a, weight, bias)
+    y = y + residual                            # when residual is given
+
+In a Llama block the four linears become::
+
+    qkv  = linear(h,     w_qkv,  prologue="rms_norm", norm_weight=g_attn)
+    h    = linear(attn,  w_o,    residual=h)
+    gu   = linear(h,     w_gu,   prologue="rms_norm", norm_weight=g_mlp)
+    h    = linear(gu,    w_down, residual=h, prologue="gated_silu")
+
+so a decoded token runs one kernel per projection instead of norm + GEMV + activation + add: at
+batch 1 every one of those small kernels costs a launch and a tail inside the CUDA graph, which
+is most of what separates a decode step from the memory-bandwidth floor. ``fuse`` writes these
+nodes; the Triton kernel (``linear_triton.py``) computes prologue and epilogue in registers around
+a GEMV for the few-row (decode) case and composes norm/activation kernels with cuBLAS for prompts.
+
+The reference is the unfused composition, op for op, so on the CPU a graph with ``fxopt.linear``
+computes exactly what the graph before it did.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .activation import KINDS, gated_act_reference
+from .norm import rms_norm_reference
+
+PROLOGUES = ("none", "rms_norm", *(f"gated_{kind}" for kind in KINDS))
+
+
+def gated_kind(prologue: str) -> str | None:
+    """``"gated_silu"`` -> ``"silu"``; None for a prologue that is not a gated activation."""
+    return prologue[len("gated_"):] if prologue.startswith("gated_") else None
+
+
+def check_prologue(prologue: str, norm_weight: Tensor | None) -> None:
+    if prologue not in PROLOGUES:
+        raise ValueError(f"fxopt.linear: unknown prologue '{prologue}'; known: {', '.join(PROLOGUES)}")
+    if (prologue == "rms_norm") != (norm_weight is not None):
+        raise ValueError("fxopt.linear: norm_weight goes with prologue 'rms_norm', and only with it")
+
+
+def apply_prologue(x: Tensor, prologue: str, norm_weight: Tensor | None, eps: float) -> Tensor:
+    """The linear's input after its prologue, computed the way the unfused ops compute it."""
+    if prologue == "rms_norm":
+        return rms_norm_reference(x, norm_weight, eps)
+    kind = gated_kind(prologue)
+    return gated_act_reference(x, kind) if kind else x
+
+
+def linear_reference(x: Tensor, weight: Tensor, bias: Tensor | None = None, residual: Tensor | None = None,
+                     prologue: str = "none", norm_weight: Tensor | None = None, eps: float = 0.0) -> Tensor:
+    check_prologue(prologue, norm_weight)
+    y = F.linear(apply_prologue(x, prologue, norm_weight, eps), weight, bias)
+    return y if residual is None else y + residual
+
+
+def in_features(x_features: int, prologue: str) -> int:
+    """Features the weight sees: a gated prologue halves ``[gate | up]``."""
+    return x_features // 2 if gated_kind(prologue) else x_features
+
+
+@torch.library.custom_op("fxopt::linear", mutates_args=())
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, residual: Tensor | None = None,
+           prologue: str = "none", norm_weight: Tensor | None = None, eps: float = 0.0) -> Tensor:
+    return linear_reference(x, weight, bias, residual, prologue, norm_weight, eps)
+
+
+def empty_output(x: Tensor, out_features: int, residual: Tensor | None, norm_weight: Tensor | None) -> Tensor:
+    """An empty tensor shaped like the output of a folded linear (the ops' fake implementations)."""
+    dtype = x.dtype if norm_weight is None else torch.promote_types(x.dtype, norm_weight.dtype)
+    shape = (*x.shape[:-1], out_features)
+    if residual is not None:
+        shape = torch.broadcast_shapes(shape, residual.shape)
+        dtype = torch.promote_types(dtype, residual.dtype)
+    return x.new_empty(shape, dtype=dtype)
+
+
+@linear.register_fake
+def _(x, weight, bias=None, residual=None, prologue="none", norm_weight=None, eps=0.0):
+    return empty_output(x, weight.shape[0], residual, norm_weight)

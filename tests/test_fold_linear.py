@@ -1,0 +1,125 @@
+"""The ``fold_linear`` pass: norms, gated activations and residual adds folded into ``fxopt.linear``."""
+import pytest
+import torch
+
+import fxopt
+from families import VOCAB, tiny
+from fxopt.ir import is_op, module_path
+from fxopt.passes.fold_linear import fold_linears, unfold_linears
+from test_fuse import model_of
+from test_generate import LENGTHS, left_padded_batch
+
+aten = torch.ops.aten
+fx_ops = torch.ops.fxopt
+FOLDED = ["canonicalize", "kv_cache", "fuse", "fold_linear", "dce"]
+LAYERS = 2
+
+
+def ops(gm, op):
+    return [n for n in gm.graph.nodes if is_op(n, op)]
+
+
+def prologues(gm):
+    return sorted((n.args[4], n.args[3] is not None) for n in ops(gm, fx_ops.linear))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])  # Mistral's graph is Llama's; Qwen2 has q/k/v biases
+def test_a_block_becomes_four_linears(family):
+    model = model_of(family)
+    compiled = fxopt.compile(model, passes=FOLDED, verify=True, max_batch_size=4, max_seq_len=64)
+    row = next(r for r in compiled.report() if r.name == "fold_linear")
+    assert row.stats == {"linear_residual": 2 * LAYERS, "linear_prologue_rms_norm": 2 * LAYERS + 1,
+                         "linear_prologue_gated": LAYERS}
+    assert row.max_error < 1e-4
+    gm = compiled.graph_module
+    for op in (fx_ops.rms_norm, fx_ops.add_rms_norm, fx_ops.gated_act, aten.linear, aten.add):
+        assert not ops(gm, op), f"{op} left"
+    # per block: q/k/v and gate/up behind their norm, o with the residual, down with both
+    assert prologues(gm) == sorted([("rms_norm", False)] * (2 * LAYERS + 1) + [("none", True)] * LAYERS
+                                   + [("gated_silu", True)] * LAYERS)
+    for node in ops(gm, fx_ops.linear):
+        assert module_path(node) and node.meta["fxopt"]["folded"] in ("rms_norm", "residual", "gated_silu+residual")
+    ids, mask = left_padded_batch(LENGTHS)
+    ours = compiled.generate(ids, attention_mask=mask, max_new_tokens=24, pad_token_id=0)
+    theirs = model.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False, pad_token_id=0)
+    assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "opt"])
+def test_layer_norm_models_are_left_alone(family):
+    compiled = fxopt.compile(tiny(family), passes=FOLDED, verify=True, max_seq_len=64)
+    row = next(r for r in compiled.report() if r.name == "fold_linear")
+    assert row.stats == {} and not ops(compiled.graph_module, fx_ops.linear)
+
+
+def test_the_default_pipeline_folds():
+    compiled = fxopt.compile(tiny("llama"), max_seq_len=64)
+    assert [r.name for r in compiled.report()] == ["canonicalize", "kv_cache", "fuse", "fold_linear", "dce", "cuda_graph"]
+    assert len(ops(compiled.graph_module, fx_ops.linear)) == 4 * LAYERS + 1
+
+
+def test_unfold_gives_back_the_graph_before():
+    model = tiny("llama")
+    folded = fxopt.compile(model, passes=FOLDED, max_seq_len=64)
+    gm = folded.graph_module
+    ids = torch.randint(0, VOCAB, (2, 7))
+    before = folded(ids).logits
+    assert unfold_linears(gm) == 4 * LAYERS + 1
+    assert not ops(gm, fx_ops.linear) and len(ops(gm, aten.linear)) == 4 * LAYERS + 1
+    gm.recompile()
+    torch.testing.assert_close(folded(ids).logits, before, rtol=0, atol=0)  # the same arithmetic, op for op
+    # and folding again gives the folded graph back
+    assert fold_linears(gm) == {"linear_residual": 2 * LAYERS, "linear_prologue_rms_norm": 2 * LAYERS + 1,
+                                "linear_prologue_gated": LAYERS}
+    assert prologues(gm) == sorted([("rms_norm", False)] * (2 * LAYERS + 1) + [("none", True)] * LAYERS
+                                   + [("gated_silu", True)] * LAYERS)
+    gm.recompile()
+    torch.testing.assert_close(folded(ids).logits, before, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("order, fold_quant", [("quantize_then_fold", False), ("fold_then_quantize", False),
+                                               ("fold_then_quantize", True)])
+def test_quantize_before_or_after_fold(order, fold_quant):
+    """Whichever pass comes first (after fold_linear, quantize unfolds, quantizes and folds again).
+    By default the INT8 linears stay unfolded, each residual add with its norm one add_rms_norm;
+    with fold_quant_linear=True they fold like float ones."""
+    model = tiny("llama")
+    tail = ["quantize", "fold_linear"] if order == "quantize_then_fold" else ["fold_linear", "quantize"]
+    compiled = fxopt.compile(model, passes=["canonicalize", "kv_cache", "fuse", *tail, "dce"], verify=True,
+                             max_seq_len=64, fold_quant_linear=fold_quant)
+    gm = compiled.graph_module
+    quant = ops(gm, fx_ops.quant_linear)
+    assert len(quant) == 4 * LAYERS
+    if fold_quant:
+        assert sorted((n.args[8], n.args[7] is not None) for n in quant) == sorted(
+            [("rms_norm", False)] * 2 * LAYERS + [("none", True)] * LAYERS + [("gated_silu", True)] * LAYERS)
+        (head,) = ops(gm, fx_ops.linear)  # the head stays float (quant_lm_head=False) and takes the last norm
+        assert head.args[4] == "rms_norm" and head.args[3] is None
+        for op in (fx_ops.rms_norm, fx_ops.add_rms_norm, fx_ops.gated_act, aten.linear, aten.add):
+            assert not ops(gm, op), f"{op} left"
+    else:
+        assert all(len(n.args) == 7 for n in quant) and len(ops(gm, fx_ops.gated_act)) == LAYERS
+        if order == "quantize_then_fold":  # nothing to fold: the float head reads an add_rms_norm
+            assert not ops(gm, fx_ops.linear) and not ops(gm, aten.add)
+            assert len(ops(gm, fx_ops.add_rms_norm)) == 2 * LAYERS
+        else:  # unfolded, quantized, folded again: the head keeps its norm, so the last add is alone
+            (head,) = ops(gm, fx_ops.linear)
+            assert head.args[4] == "rms_norm" and head.args[3] is None and len(ops(gm, aten.add)) == 1
+            assert len(ops(gm, fx_ops.add_rms_norm)) == 2 * LAYERS - 1
+    ids = torch.randint(0, VOCAB, (2, 9))
+    err = (compiled(ids).logits - model(ids).logits).norm() / model(ids).logits.norm()
+    assert err < 0.05
+
+
+def test_no_residual_is_folded_before_an_all_reduce():
+    """Tensor parallel: a row-parallel linear feeds its all-reduce, and only the reduced sum meets
+    the residual; the column-parallel linears still take their norms."""
+    compiled = fxopt.compile(tiny("llama"), ["canonicalize", "shard", "kv_cache", "fuse", "fold_linear", "dce"],
+                             tp=2, rank=0)
+    gm = compiled.graph_module
+    reduces = [n for n in gm.graph.nodes if n.op == "call_function" and "all_reduce" in str(n.target)]
+    assert len(reduces) == 2 * LAYERS + 1  # o and down of each block, and the vocab-parallel embedding
+    for r in reduces[1:]:
+        assert is_op(r.args[0], aten.linear, fx_ops.linear) and (is_op(r.args[0], aten.linear) or r.args[0].args[3] is None)
+    # down still takes its activation; the first block's q/k/v its norm (no add before it)
+    assert prologues(gm) == [("gated_silu", False)] * LAYERS + [("rms_norm", False)]
