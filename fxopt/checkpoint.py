@@ -40,6 +40,7 @@ import torch
 import torch.fx as fx
 
 from .errors import FxoptError
+from .ir import set_attribute
 
 __all__ = [
     "POST_LOAD_PASSES", "CheckpointError", "CheckpointFiles", "LoadPlan", "LoadStats", "QuantSpec", "Recipe", "Slice",
@@ -715,19 +716,6 @@ def _piece_bytes(files: CheckpointFiles, name: str, piece: list) -> int:
     return files.nbytes(name) * part // max(total, 1)
 
 
-def _assign(gm: torch.nn.Module, target: Target, value: torch.Tensor) -> None:
-    owner, leaf = _owner(gm, target.name)
-    if leaf in owner._parameters or target.parameter:
-        if not isinstance(value, torch.nn.Parameter):
-            value = torch.nn.Parameter(value, requires_grad=False)
-        owner._buffers.pop(leaf, None)
-        owner._parameters[leaf] = value
-    elif leaf in owner._buffers:
-        owner._buffers[leaf] = value
-    else:
-        setattr(owner, leaf, value)
-
-
 def _where(target: Target, device, dtype) -> tuple[torch.device, torch.dtype]:
     dev = torch.device(device) if device is not None else (
         target.device if target.device.type != "meta" else torch.device("cpu"))
@@ -832,7 +820,7 @@ def load_checkpoint(gm_or_compiled, path, *, device=None, dtype=None, progress: 
                             f"'{t.name}' ({t.role}), which holds {list(t.shape)}")
                     if t.parameter:  # aliases stay one tensor
                         value = params.setdefault(id(value), torch.nn.Parameter(value, requires_grad=False))
-                    _assign(gm, t, value)
+                    set_attribute(gm, t.name, value, parameter=t.parameter)
                 del made
                 files.close()  # unmap: the file pages this recipe touched leave the resident set
                 stats.recipes += 1
@@ -867,14 +855,7 @@ def _finish(gm: fx.GraphModule, plan: LoadPlan, device, dtype) -> None:
         value = _fetch(gm, name)
         if isinstance(value, torch.Tensor) and value.device.type != "meta" and device is not None \
                 and value.device != torch.device(device):
-            owner, leaf = _owner(gm, name)
-            moved = value.to(device)
-            if leaf in owner._parameters:
-                owner._parameters[leaf] = torch.nn.Parameter(moved, requires_grad=False)
-            elif leaf in owner._buffers:
-                owner._buffers[leaf] = moved
-            else:
-                setattr(owner, leaf, moved)
+            set_attribute(gm, name, value.to(device))
     allocate_runtime_buffers(gm, device, dtype=dtype)
     used = {n.target for n in gm.graph.find_nodes(op="get_attr")}
     for name, t in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False)):

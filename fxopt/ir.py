@@ -194,6 +194,28 @@ def replace_node(old: fx.Node, new: fx.Node) -> None:
     old.graph.erase_node(old)
 
 
+def set_attribute(module: torch.nn.Module, name: str, value: torch.Tensor, parameter: bool = False) -> None:
+    """Put ``value`` at the dotted ``name`` below ``module``, keeping the kind of what was there: a
+    parameter stays a parameter (``requires_grad=False``), a buffer a buffer, anything else a plain
+    attribute. ``parameter=True`` makes it a parameter whatever it was.
+
+        >>> set_attribute(gm, "model.layers.0.mlp.down_proj.weight", loaded)
+    """
+    *parents, leaf = name.split(".")
+    owner = module
+    for part in parents:
+        owner = getattr(owner, part)
+    if parameter or leaf in owner._parameters:
+        if not isinstance(value, torch.nn.Parameter):
+            value = torch.nn.Parameter(value, requires_grad=False)
+        owner._buffers.pop(leaf, None)
+        owner._parameters[leaf] = value
+    elif leaf in owner._buffers:
+        owner._buffers[leaf] = value
+    else:
+        setattr(owner, leaf, value)
+
+
 def is_op(node, *targets) -> bool:
     """True when ``node`` calls one of the given ops (an OpOverload or an OpOverloadPacket)."""
     if not isinstance(node, fx.Node) or node.op != "call_function":

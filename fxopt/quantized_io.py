@@ -43,6 +43,7 @@ import torch
 import torch.fx as fx
 
 from .errors import FxoptError
+from .ir import set_attribute
 
 FORMAT = "fxopt.quantized"
 FORMAT_VERSION = "1"
@@ -204,7 +205,7 @@ def load_quantized(model: torch.nn.Module, path, *, device=None, **compile_optio
                 tensor = f.get_tensor(key)
             except Exception as e:  # noqa: BLE001 - name the tensor and the file
                 raise QuantizedFileError(f"{path}: cannot read tensor '{key}' ({type(e).__name__}: {e})") from e
-            _assign(gm, name, tensor)
+            set_attribute(gm, name, tensor)
     from .checkpoint import allocate_runtime_buffers, retarget_device
     allocate_runtime_buffers(gm, device)  # the KV cache, made on the meta device for a meta model
     retarget_device(gm, device)  # device constants a meta capture left in the graph
@@ -241,19 +242,6 @@ def _check_plan(path, meta, state) -> None:
             + (f"; in the file only: '{only_file[0]}'" if only_file else "")
             + (f"; in the graph only: '{only_graph[0]}'" if only_graph else "")
             + " (compile with the file's pipeline and quant options)")
-
-
-def _assign(gm: fx.GraphModule, target: str, value: torch.Tensor) -> None:
-    *parents, leaf = target.split(".")
-    owner = gm
-    for part in parents:
-        owner = getattr(owner, part)
-    if leaf in owner._parameters:
-        owner._parameters[leaf] = torch.nn.Parameter(value, requires_grad=False)
-    elif leaf in owner._buffers:
-        owner._buffers[leaf] = value
-    else:
-        setattr(owner, leaf, value)
 
 
 __all__ = ["FORMAT", "QuantizedFileError", "graph_tensors", "load_quantized", "read_metadata", "save_quantized"]
