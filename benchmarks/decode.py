@@ -9,7 +9,11 @@ Llama-architecture models with random bf16 weights shaped like the anchors in AN
 - ``hf-eager``    transformers eager with a StaticCache;
 - ``hf-compile``  transformers + ``torch.compile(mode="reduce-overhead", fullgraph=True)`` with
                   gpt-fast's Inductor flags (coordinate-descent tuning);
-- ``fxopt``       ``fxopt.compile(model)``: the default pipeline, CUDA graphs on.
+- ``fxopt``       ``fxopt.compile(model)``: the default pipeline, CUDA graphs on;
+- other fxopt pipelines with ``--variants``: ``fxopt-nofuse`` and ``fxopt-nofold`` (without
+  ``fuse`` / ``fold_linear``), ``fxopt-int8`` (``quantize`` then ``fold_linear``; INT8 linears stay
+  unfolded unless ``fold_quant_linear=True``), ``fxopt-int8-nofold``, ``fxopt-pdl`` (the default
+  pipeline with programmatic dependent launch, ``FXOPT_PDL=1``).
 
 Columns: ms per decoded token, tokens/s (batch × 1000 / ms), percent of the bandwidth floor
 (weight + KV bytes read per step ÷ device-to-device copy bandwidth measured in the same run),
