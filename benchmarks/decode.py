@@ -12,8 +12,7 @@ Llama-architecture models with random bf16 weights shaped like the anchors in AN
 - ``fxopt``       ``fxopt.compile(model)``: the default pipeline, CUDA graphs on;
 - other fxopt pipelines with ``--variants``: ``fxopt-nofuse`` and ``fxopt-nofold`` (without
   ``fuse`` / ``fold_linear``), ``fxopt-int8`` (``quantize`` then ``fold_linear``; INT8 linears stay
-  unfolded unless ``fold_quant_linear=True``), ``fxopt-int8-nofold``, ``fxopt-pdl`` (the default
-  pipeline with programmatic dependent launch, ``FXOPT_PDL=1``).
+  unfolded unless ``fold_quant_linear=True``), ``fxopt-int8-nofold``.
 
 Columns: ms per decoded token, tokens/s (batch × 1000 / ms), percent of the bandwidth floor
 (weight + KV bytes read per step ÷ device-to-device copy bandwidth measured in the same run),
@@ -45,7 +44,6 @@ VARIANTS = {
     "fxopt-nofold": ["canonicalize", "kv_cache", "fuse", "dce", "cuda_graph"],
     "fxopt-int8": ["canonicalize", "kv_cache", "fuse", "quantize", "fold_linear", "dce", "cuda_graph"],
     "fxopt-int8-nofold": ["canonicalize", "kv_cache", "fuse", "quantize", "dce", "cuda_graph"],
-    "fxopt-pdl": None,  # the default pipeline, decode kernels with programmatic dependent launch (FXOPT_PDL=1)
 }
 
 
@@ -194,10 +192,8 @@ def run_model(name, args, ceil, rows, prefills):
         add("hf-eager", batch, hf_decode(model, model.forward, batch, args.prompt, args.new), peak=peak_gb())
 
     import fxopt
-    from fxopt.kernels import triton_env
     for system in args.variants:
         passes = VARIANTS[system]
-        triton_env.PDL_ENABLED = system.endswith("-pdl")
         try:
             torch.cuda.reset_peak_memory_stats()
             t0 = time.perf_counter()
@@ -213,7 +209,6 @@ def run_model(name, args, ceil, rows, prefills):
             traceback.print_exc()
             rows.append(dict(model=name, system=system, error=repr(e)[:500]))
         compiled = None
-        triton_env.PDL_ENABLED = False
         gc.collect()
         torch.cuda.empty_cache()
     flops = 2 * sum(p.numel() for n, p in model.named_parameters() if "embed" not in n) * args.prefill

@@ -106,13 +106,17 @@ def test_decode_kernel_random_shapes(k, n, prologue, residual, bias, seed):
     assert_close_rel(got, linear_reference(x, w, b, r, prologue, g, 1e-5), dtype)
 
 
-def test_dispatch_by_rows():
+def test_dispatch_by_rows(monkeypatch):
     """One row takes the decode kernel, more rows the prompt path; both agree with the reference."""
+    decoded = []
+    real = lt.linear_decode
+    monkeypatch.setattr(lt, "linear_decode", lambda *a, **k: decoded.append(a[0].shape[0]) or real(*a, **k))
     for m in (1, 2, 21):
         x, w, b, r, g = operands(m, 64, 24, "rms_norm", residual=True, bias=False, dtype=torch.float32, seed=m)
         got = lt.linear_triton(x.view(1, m, 64), w, None, r.view(1, m, 24), "rms_norm", g, 1e-6)
         assert got.shape == (1, m, 24)
         assert_close_rel(got, linear_reference(x, w, None, r, "rms_norm", g, 1e-6).view(1, m, 24), torch.float32)
+    assert decoded == [1]
 
 
 # --------------------------------------------------------------------------------------------- #

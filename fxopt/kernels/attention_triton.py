@@ -47,7 +47,7 @@ from torch import Tensor
 
 from .attention import _check, cached_attention, cached_attention_reference
 
-from .triton_env import INTERPRET, gdc_launch_dependents, gdc_wait, jit as _jit, pdl, tl, triton
+from .triton_env import INTERPRET, jit as _jit, tl, triton
 
 LOG2E = 1.4426950408889634
 NO_WINDOW = 1 << 30  # window 0 means "no window": a window wider than any cache
@@ -112,12 +112,9 @@ def _decode_kernel(
     sp_b, so_b, so_h, so_d,
     GROUP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, NUM_SPLITS: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """One (row b, kv head h, split): all GROUP query heads of h over this split's share of the cache."""
-    if PDL:  # programmatic dependent launch (triton_env.pdl): start early, wait for q/k/v
-        gdc_launch_dependents()
-        gdc_wait()
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     split = tl.program_id(2)
@@ -206,12 +203,8 @@ def _combine_kernel(
     PART_ACC, PART_M, PART_L, OUT,
     heads_q, so_b, so_h, so_d,
     DV: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_SPLITS: tl.constexpr, BLOCK_DV: tl.constexpr,
-    PDL: tl.constexpr,
 ):
     """Merge the splits of one (row, query head): out = Σ 2^(m_s - m) acc_s / Σ 2^(m_s - m) l_s."""
-    if PDL:
-        gdc_launch_dependents()
-        gdc_wait()
     b = tl.program_id(0).to(tl.int64)
     hq = tl.program_id(1)
     offs_s = tl.arange(0, BLOCK_SPLITS)
@@ -335,7 +328,6 @@ def _decode(q, k, v, k_cache, v_cache, positions, out, scale, window, num_splits
         part_l = torch.empty_like(part_m)
     else:  # the kernel writes the output itself; these are never touched
         part_acc = part_m = part_l = out
-    use_pdl = pdl(q.device)
     _decode_kernel[(batch, heads_kv, num_splits)](
         q, k, v, k_cache, v_cache, positions, out, part_acc, part_m, part_l,
         scale * LOG2E, window if window > 0 else NO_WINDOW, max_seq,
@@ -345,14 +337,14 @@ def _decode(q, k, v, k_cache, v_cache, positions, out, scale, window, num_splits
         positions.stride(0), out.stride(0), out.stride(1), out.stride(3),
         GROUP=group, D=dim, DV=dim_v, NUM_SPLITS=num_splits,
         BLOCK_G=block_g, BLOCK_N=DECODE_BLOCK_N, BLOCK_D=block_d, BLOCK_DV=block_dv,
-        DOT_PRECISION=_dot_precision(k_cache.dtype), PDL=use_pdl,
-        num_warps=DECODE_NUM_WARPS, num_stages=DECODE_NUM_STAGES, launch_pdl=use_pdl,
+        DOT_PRECISION=_dot_precision(k_cache.dtype),
+        num_warps=DECODE_NUM_WARPS, num_stages=DECODE_NUM_STAGES,
     )
     if num_splits > 1:
         _combine_kernel[(batch, heads_q)](
             part_acc, part_m, part_l, out, heads_q, out.stride(0), out.stride(1), out.stride(3),
-            DV=dim_v, NUM_SPLITS=num_splits, BLOCK_SPLITS=_pow2(num_splits), BLOCK_DV=block_dv, PDL=use_pdl,
-            num_warps=1 if block_dv <= 64 else 2, launch_pdl=use_pdl,
+            DV=dim_v, NUM_SPLITS=num_splits, BLOCK_SPLITS=_pow2(num_splits), BLOCK_DV=block_dv,
+            num_warps=1 if block_dv <= 64 else 2,
         )
 
 

@@ -65,11 +65,6 @@ def linear_reference(x: Tensor, weight: Tensor, bias: Tensor | None = None, resi
     return y if residual is None else y + residual
 
 
-def in_features(x_features: int, prologue: str) -> int:
-    """Features the weight sees: a gated prologue halves ``[gate | up]``."""
-    return x_features // 2 if gated_kind(prologue) else x_features
-
-
 @torch.library.custom_op("fxopt::linear", mutates_args=())
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, residual: Tensor | None = None,
            prologue: str = "none", norm_weight: Tensor | None = None, eps: float = 0.0) -> Tensor:

@@ -42,7 +42,7 @@ from torch import Tensor
 
 from .linear import apply_prologue, check_prologue, gated_kind, linear, linear_reference
 
-from .triton_env import gdc_launch_dependents, gdc_wait, jit as _jit, pdl, tl, triton
+from .triton_env import jit as _jit, tl, triton
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -89,15 +89,11 @@ def _weight_block(w_rows, mask_n, offs_k, K):
 def _decode_kernel(
     X, W, BIAS, RES, G, Y, N, K, stride_wn, eps,
     PROLOGUE: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     """Y[n-block] = epilogue(prologue(X) . W[n-block]^T) for one row X, over all of K.
 
-    PROLOGUE: 0 none, 1 rms_norm (G its weight), 2 gated activation ACT over X = [gate | up].
-    With PDL the first weight block is loaded before waiting for the previous kernel (the weights
-    do not depend on it): the stream of weight bytes starts while that kernel drains."""
-    if PDL:
-        gdc_launch_dependents()
+    PROLOGUE: 0 none, 1 rms_norm (G its weight), 2 gated activation ACT over X = [gate | up]."""
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
@@ -105,12 +101,9 @@ def _decode_kernel(
     offs_kb = tl.arange(0, BLOCK_K)
     DT: tl.constexpr = W.dtype.element_ty
 
-    w = _weight_block(w_rows, mask_n, offs_kb, K)
-    if PDL:
-        gdc_wait()  # X, RES (and Y's memory) belong to the kernels before
-    x, sum_sq = _input_block(X, G, offs_kb, K, PROLOGUE, ACT, DT)
-    acc = w * x[None, :]  # fp32 partial sums per column, summed across lanes once, at the end
-    for k0 in tl.range(BLOCK_K, K, BLOCK_K, num_stages=NUM_STAGES):
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)  # summed across lanes once, at the end
+    sum_sq = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for k0 in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
         offs_k = k0 + offs_kb
         x, squares = _input_block(X, G, offs_k, K, PROLOGUE, ACT, DT)
         acc += _weight_block(w_rows, mask_n, offs_k, K) * x[None, :]
@@ -147,14 +140,13 @@ def linear_decode(x2: Tensor, weight: Tensor, bias: Tensor | None, residual2: Te
     tiles = {**DECODE_TILES, **(tiles or {})}
     y = torch.empty((1, n), dtype=x2.dtype, device=x2.device)
     kind = gated_kind(prologue)
-    use_pdl = pdl(x2.device)
     _decode_kernel[(triton.cdiv(n, tiles["block_n"]),)](
         x2, weight, bias if bias is not None else y, residual2 if residual2 is not None else y,
         norm_weight if norm_weight is not None else y, y, n, k, weight.stride(0), float(eps),
         PROLOGUE=2 if kind else _PROLOGUE_CODES[prologue], ACT=kind or "silu",
         HAS_BIAS=bias is not None, HAS_RES=residual2 is not None,
         BLOCK_N=tiles["block_n"], BLOCK_K=tiles["block_k"], NUM_STAGES=tiles["num_stages"],
-        PDL=use_pdl, num_warps=tiles["num_warps"], launch_pdl=use_pdl,
+        num_warps=tiles["num_warps"],
     )
     return y
 
@@ -237,7 +229,7 @@ def benchmark(models=("llama2-7b", "llama-1b"), sweep: bool = True, dtype=torch.
     GEMV alone, as CUDA-graph replays over enough weight copies that none is served from L2 (as in a
     model, where a layer's weights were evicted long ago). With ``sweep`` also the best of SWEEP.
     Prints one line per shape; returns the rows."""
-    from . import triton_env, triton_ops
+    from . import triton_ops
 
     triton_ops.register_all()
     device = torch.device("cuda")
@@ -270,9 +262,6 @@ def benchmark(models=("llama2-7b", "llama-1b"), sweep: bool = True, dtype=torch.
             t_unfused = _graph_time(unfused) / copies
             t_cublas = _graph_time(cublas_only) / copies
             t_default = _graph_time(fused(None)) / copies
-            triton_env.PDL_ENABLED, saved = True, triton_env.PDL_ENABLED
-            t_pdl = _graph_time(fused(None)) / copies
-            triton_env.PDL_ENABLED = saved
             best, best_t = None, t_default
             for tiles in SWEEP if sweep else ():
                 try:
@@ -282,11 +271,11 @@ def benchmark(models=("llama2-7b", "llama-1b"), sweep: bool = True, dtype=torch.
                 if t < best_t:
                     best, best_t = tiles, t
             row = dict(model=model, k=k, n=n, prologue=prologue, residual=has_res, err=err, unfused_us=t_unfused,
-                       cublas_us=t_cublas, default_us=t_default, pdl_us=t_pdl, default_gbs=n * k * 2 / t_default / 1e3,
+                       cublas_us=t_cublas, default_us=t_default, default_gbs=n * k * 2 / t_default / 1e3,
                        best_us=best_t, best=best)
             rows.append(row)
             print(f"{model:10s} {k:6d}x{n:<6d} {prologue:10s} res={int(has_res)} err {err:.1e} | unfused {t_unfused:6.1f} "
-                  f"cuBLAS {t_cublas:6.1f} fused {t_default:6.1f} us ({row['default_gbs']:5.0f} GB/s, {t_pdl:6.1f} with PDL) "
+                  f"cuBLAS {t_cublas:6.1f} fused {t_default:6.1f} us ({row['default_gbs']:5.0f} GB/s) "
                   f"best {best_t:6.1f} {best}", flush=True)
             del weights
     return rows

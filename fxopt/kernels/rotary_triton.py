@@ -33,7 +33,7 @@ from torch import Tensor
 
 from .rotary import rotary, rotary_reference
 
-from .triton_env import INTERPRET, gdc_launch_dependents, gdc_wait, jit as _jit, pdl, tl, triton
+from .triton_env import INTERPRET, jit as _jit, tl, triton
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Tokens below which a program takes a single head (decode), and the lanes a prefill program aims for.
@@ -76,12 +76,9 @@ def _rotary_kernel(
     S, HQ, HKV,
     sq_b, sq_h, sq_s, sq_d, sk_b, sk_h, sk_s, sk_d,
     sc_b, sc_s, sc_d, ss_b, ss_s, ss_d,
-    HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, PDL: tl.constexpr,
+    HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
 ):
     """One token (b, s), one block of BLOCK_H heads of q or of k."""
-    if PDL:  # programmatic dependent launch (triton_env.pdl): start early, wait for q/k
-        gdc_launch_dependents()
-        gdc_wait()
     tok = tl.program_id(0)
     b = (tok // S).to(tl.int64)  # int64: b * batch stride can pass 2**31 for long prompts
     s = (tok % S).to(tl.int64)
@@ -164,7 +161,7 @@ def rotary_triton(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, *,
         q, k, cos, sin, q_out, k_out,
         seq, heads_q, heads_kv,
         *q.stride(), *k.stride(), *cos.stride(), *sin.stride(),
-        HALF=half, BLOCK_H=block_h, BLOCK_HALF=block_half, PDL=pdl(q.device), launch_pdl=pdl(q.device),
+        HALF=half, BLOCK_H=block_h, BLOCK_HALF=block_half,
         num_warps=min(max(block_h * block_half // 256, 1), 8),
         # No FMA contraction: it would fuse a product into the sum and skip the product's rounding
         # (LLVM narrows the fp32 ops between bf16/fp16 casts to native bf16x2/f16x2 ones, then

@@ -102,8 +102,8 @@ def _replace(gm: fx.GraphModule, old: fx.Node, fields: dict, where: fx.Node | No
     return new
 
 
-def _getitems(node: fx.Node) -> dict[int, fx.Node] | None:
-    """{index: getitem node} of a tuple-returning node, None when something else uses it."""
+def _getitems(node: fx.Node) -> dict[int, list[fx.Node]] | None:
+    """{index: its getitem nodes} of a tuple-returning node, None when something else uses it."""
     items = {}
     for user in node.users:
         if user.target is not operator.getitem:
@@ -127,47 +127,51 @@ def _same(gm: fx.GraphModule, a: fx.Node, b: fx.Node) -> bool:
     return va is not None and vb is not None and va.shape == vb.shape and va.dtype == vb.dtype
 
 
-def _fold_residual(gm: fx.GraphModule, node: fx.Node, quant: bool) -> bool:
-    """Rule 1 on an add_rms_norm node."""
-    x, r, g, eps = node.args
-    for y, other in ((x, r), (r, x)):
-        fields = linear_fields(y, quant)
+def _take_residual(gm: fx.GraphModule, add: fx.Node, a, b, quant: bool) -> fx.Node | None:
+    """Rule 1: of the two addends of ``add``, the output of a linear that nothing else reads takes
+    the other as its residual; returns the new linear (computed where the add was: the residual
+    may come after the linear), or None."""
+    for y, other in ((a, b), (b, a)):
+        fields = linear_fields(y, quant) if isinstance(y, fx.Node) and isinstance(other, fx.Node) else None
         if fields is None or fields["residual"] is not None or len(y.users) != 1 or not _same(gm, y, other):
             continue
-        items = _getitems(node)
-        if items is None:
-            return False
         fields["residual"] = other
-        # Computed where the add was: the residual may come after the linear.
-        h = _replace(gm, y, fields, where=node)
-        graph = gm.graph
-        with graph.inserting_before(node):
-            n = graph.call_function(RMS_NORM, (h, g, eps))
-        n.meta["nn_module_stack"] = node.meta.get("nn_module_stack", {})
-        infer_meta(gm, n)
-        for i, result in ((0, n), (1, h)):
-            for item in items.get(i, ()):
-                item.replace_all_uses_with(result)
-                graph.erase_node(item)
-        graph.erase_node(node)
-        return True
-    return False
+        return _replace(gm, y, fields, where=add)
+    return None
+
+
+def _fold_residual(gm: fx.GraphModule, node: fx.Node, quant: bool) -> bool:
+    """Rule 1 on an add_rms_norm node: the linear takes the add, an rms_norm of its output stays."""
+    x, r, g, eps = node.args
+    items = _getitems(node)
+    if items is None:
+        return False
+    h = _take_residual(gm, node, x, r, quant)
+    if h is None:
+        return False
+    graph = gm.graph
+    with graph.inserting_before(node):
+        n = graph.call_function(RMS_NORM, (h, g, eps))
+    n.meta["nn_module_stack"] = node.meta.get("nn_module_stack", {})
+    infer_meta(gm, n)
+    for i, result in ((0, n), (1, h)):
+        for item in items.get(i, ()):
+            item.replace_all_uses_with(result)
+            graph.erase_node(item)
+    graph.erase_node(node)
+    return True
 
 
 def _fold_add(gm: fx.GraphModule, node: fx.Node, quant: bool) -> bool:
     """Rule 1 on a plain ``add`` of two tensors (what ``unfold_linears`` leaves)."""
-    if len(node.args) != 2 or node.kwargs or not all(isinstance(a, fx.Node) for a in node.args):
+    if len(node.args) != 2 or node.kwargs:
         return False
-    for y, other in (node.args, node.args[::-1]):
-        fields = linear_fields(y, quant)
-        if fields is None or fields["residual"] is not None or len(y.users) != 1 or not _same(gm, y, other):
-            continue
-        fields["residual"] = other
-        h = _replace(gm, y, fields, where=node)
-        node.replace_all_uses_with(h)
-        gm.graph.erase_node(node)
-        return True
-    return False
+    h = _take_residual(gm, node, *node.args, quant)
+    if h is None:
+        return False
+    node.replace_all_uses_with(h)
+    gm.graph.erase_node(node)
+    return True
 
 
 def _fold_prologue(gm: fx.GraphModule, node: fx.Node, quant: bool) -> str | None:
@@ -244,7 +248,7 @@ def unfold_linears(gm: fx.GraphModule) -> int:
     count = 0
     for node in list(graph.nodes):
         if not is_op(node, LINEAR):
-            continue  # (a folded quant_linear stays: quantize meets none, it runs before fold_linear)
+            continue
         f = linear_fields(node)
         stack = node.meta.get("nn_module_stack", {})
         new = []
