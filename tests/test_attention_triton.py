@@ -139,6 +139,22 @@ def test_random_shapes(heads_kv, group, dim, batch, seq, window, num_splits, dty
     check(*case, window=window, num_splits=num_splits)
 
 
+@pytest.mark.parametrize("heads_q, heads_kv, dim, seq, batch", [(4, 4, 16, 5, 1), (6, 2, 48, 13, 3), (9, 3, 64, 1, 2)])
+def test_prompt_attention_is_causal_attention_over_the_prompt(heads_q, heads_kv, dim, seq, batch):
+    """prompt_attention (the CPU reference here) on prompts at slots 0..S-1: plain causal attention
+    over q, k, v, and k/v written into slots 0..S-1 of each row's caches, the rest untouched."""
+    q, k, v, k_cache, v_cache, positions = make_case(batch, heads_q, heads_kv, seq, dim, [0] * batch, MAX_SEQ,
+                                                     torch.float32, device="cpu")
+    out = torch.ops.fxopt.prompt_attention(q, k, v, k_cache, v_cache, positions, dim ** -0.5, 0)
+    group = heads_q // heads_kv
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), is_causal=True, scale=dim ** -0.5)
+    torch.testing.assert_close(out, want, **TOL[torch.float32])
+    torch.testing.assert_close(k_cache[:batch, :, :seq], k, atol=0, rtol=0)
+    torch.testing.assert_close(v_cache[:batch, :, :seq], v, atol=0, rtol=0)
+    assert k_cache[:, :, seq:].isnan().all() and k_cache[batch:].isnan().all()
+
+
 def test_num_splits_bounds():
     dev = torch.device(DEVICE)
     for batch, heads_kv, max_seq in ((1, 32, 4096), (32, 32, 4096), (1, 8, 128), (3, 1, 16), (1, 1, 4096)):
@@ -196,3 +212,36 @@ def test_gpu_decode_in_cuda_graph():
         graph.replay()
         torch.testing.assert_close(out, expected, **TOL[dtype])
         torch.testing.assert_close(k_cache, ref_k, atol=0, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("heads_q, heads_kv, dim, seq, batch, window", [
+    (32, 32, 128, 2048, 1, 0),  # llama2-7b prefill
+    (32, 8, 64, 777, 2, 0),  # llama-3.2-1b heads (GQA), odd length
+    (9, 3, 64, 129, 3, 0),  # SmolLM2 heads
+    (6, 2, 48, 70, 2, 17),  # a sliding window: the cached path
+])
+def test_gpu_prompt_attention(dtype, heads_q, heads_kv, dim, seq, batch, window):
+    """The registered CUDA prompt_attention (cuDNN/flash SDPA, or the Triton cached path for
+    windows and fp32) against the reference, eagerly and replayed from a CUDA graph."""
+    at.register()
+    case = make_case(batch, heads_q, heads_kv, seq, dim, [0] * batch, seq + 40, dtype, device="cuda")
+    check(*case, window=window, op=torch.ops.fxopt.prompt_attention)
+    q, k, v, k_cache, v_cache, positions = case
+    op = lambda: torch.ops.fxopt.prompt_attention(q, k, v, k_cache, v_cache, positions, dim ** -0.5, window)  # noqa: E731
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        op()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = op()
+    q.copy_(torch.randn_like(q))
+    k.copy_(torch.randn_like(k))
+    expected = cached_attention_reference(q, k, v, k_cache.nan_to_num(0), v_cache.nan_to_num(0), positions,
+                                          dim ** -0.5, window)
+    graph.replay()
+    torch.testing.assert_close(out, expected, **TOL[dtype])
+    torch.testing.assert_close(k_cache[:batch, :, :seq], k.to(dtype), atol=0, rtol=0)

@@ -137,13 +137,17 @@ def test_prefill_graph_computes_the_head_on_the_last_positions_only(family):
     pos = torch.arange(9).expand(3, -1)
     last = torch.tensor([8, 2, 5])
     want = compiled(input_ids=ids, position_ids=pos).logits[torch.arange(3), last]
-    got = compiled.prefill(ids, pos, last)
+    got = compiled.prefill(ids, last)
     assert got.shape == (3, VOCAB)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     gm = compiled._prefill_gm
     assert isinstance(gm, fx.GraphModule)
     gathers = [n for n in gm.graph.nodes if n.target is torch.ops.aten.gather.default]
     assert len(gathers) == 1 and gathers[0].args[1] == 1  # one position per row, before the head
+    # a prefill starts the sequence: attention over the prompt itself, not the cache
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert torch.ops.fxopt.cached_attention.default not in targets
+    assert targets.count(torch.ops.fxopt.prompt_attention.default) == 2  # tiny models have 2 layers
     # the weights and the KV cache are shared with the compiled graph, not copied
     assert {id(p) for p in gm.parameters()} <= {id(p) for p in compiled.graph_module.parameters()}
     assert {id(b) for b in gm.buffers()} <= {id(b) for b in compiled.graph_module.buffers()}
@@ -155,7 +159,7 @@ def test_prefill_without_a_single_head_falls_back_to_all_logits():
     ids = torch.randint(0, VOCAB, (2, 5))
     pos = torch.arange(5).expand(2, -1)
     want = compiled(input_ids=ids, position_ids=pos).logits[torch.arange(2), torch.tensor([4, 1])]
-    torch.testing.assert_close(compiled.prefill(ids, pos, torch.tensor([4, 1])), want)
+    torch.testing.assert_close(compiled.prefill(ids, torch.tensor([4, 1])), want)
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])

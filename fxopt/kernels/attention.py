@@ -12,6 +12,12 @@ Prefill (S = prompt length) and decode (S = 1) are the same op. A batch of promp
 lengths is right-padded: a pad token writes a slot past its row's prompt, which the row's real
 queries never see, and the row's next real token overwrites it.
 
+``torch.ops.fxopt.prompt_attention`` (same arguments) is the special case of a prompt that starts
+at slot 0 of every row, ``positions[b, s] == s``: it still writes k/v into the caches, but a query
+then sees only the prompt's own keys, so the attention is plain causal attention over q, k, v and
+never reads the cache. The prefill graph (``runtime/last_token.py``) uses it, since a prefill
+always starts a sequence; on CUDA it runs on cuDNN's fused attention (``attention_triton.py``).
+
 This file holds the plain-PyTorch reference (the ground truth, runs anywhere) and the fake
 implementation (shapes); a Triton kernel registers itself for CUDA on top of them.
 """
@@ -67,5 +73,17 @@ def cached_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: 
 
 
 @cached_attention.register_fake
+def _(q, k, v, k_cache, v_cache, positions, scale, window=0):
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+@torch.library.custom_op("fxopt::prompt_attention", mutates_args=("k_cache", "v_cache"))
+def prompt_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
+                     positions: Tensor, scale: float, window: int = 0) -> Tensor:
+    """``cached_attention`` for prompts at slots 0..S-1 of every row (``positions[b, s] == s``)."""
+    return cached_attention_reference(q, k, v, k_cache, v_cache, positions, scale, window)
+
+
+@prompt_attention.register_fake
 def _(q, k, v, k_cache, v_cache, positions, scale, window=0):
     return q.new_empty((*q.shape[:-1], v.shape[-1]))

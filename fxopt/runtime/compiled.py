@@ -40,13 +40,17 @@ class CompiledModel(torch.nn.Module):
                 return runner(input_ids, position_ids)
         return self.info.signature.call(self.graph_module, input_ids=input_ids, position_ids=position_ids).logits
 
-    def prefill(self, input_ids: torch.Tensor, position_ids: torch.Tensor, last_index: torch.Tensor) -> torch.Tensor:
-        """A forward over the prompts that returns only the logits at ``last_index`` ([B]) of
-        each row: [B, V]. The LM head runs on those positions only (``last_token.py``).
+    def prefill(self, input_ids: torch.Tensor, last_index: torch.Tensor) -> torch.Tensor:
+        """A forward over the prompts ``input_ids`` [B, S], at positions 0..S-1 of every row (a
+        prefill starts the rows' sequences: the cache's earlier contents are dropped), that
+        returns only the logits at ``last_index`` ([B]) of each row: [B, V]. The LM head runs on
+        those positions only, and attention over the prompt alone (``last_token.py``).
 
         With the ``cuda_graph`` pass, prefills replay CUDA graphs too (``prefill_graph.py``); the
         logits are then a view of the graph's static output, valid until the next prefill.
         """
+        batch, seq = input_ids.shape
+        position_ids = torch.arange(seq, device=input_ids.device).expand(batch, seq)
         if self._prefill_gm is False:
             from .last_token import last_token_graph
             self._prefill_gm = last_token_graph(self.graph_module)
@@ -60,7 +64,7 @@ class CompiledModel(torch.nn.Module):
                 self._prefill_runner = PrefillGraphRunner(self._prefill_gm, self.info.signature,
                                                           max_seq_len=self.kv_cache["max_seq_len"],
                                                           fallback=plan["fallback"])
-            return self._prefill_runner(input_ids, position_ids, last_index)
+            return self._prefill_runner(input_ids, last_index)
         flat = self.info.signature.flatten((), dict(input_ids=input_ids, position_ids=position_ids))
         outputs = self._prefill_gm(*flat, last_index)
         return self.info.signature.unflatten(outputs).logits[:, 0]

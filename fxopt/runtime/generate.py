@@ -186,9 +186,8 @@ def _decode(model, input_ids, attention_mask=None, *, check_every: int, max_new_
     ids = torch.full((batch, longest), req.pad, dtype=torch.long)
     for i, row in enumerate(req.rows):
         ids[i, :len(row)] = row
-    positions = torch.arange(longest).expand(batch, longest)
     lengths = req.lengths.to(device)
-    next_logits = model.prefill(ids.to(device), positions.to(device), (lengths - 1).to(device))
+    next_logits = model.prefill(ids.to(device), (lengths - 1).to(device))
 
     pad = torch.full((batch,), req.pad, dtype=torch.long, device=device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)

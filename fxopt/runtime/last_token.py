@@ -1,4 +1,5 @@
-"""The prefill graph: logits for one position per row instead of every position.
+"""The prefill graph: logits for one position per row instead of every position, and attention
+over the prompt alone.
 
 Generation only needs the logits of each prompt's last token, but a causal LM's graph computes
 the LM head over every position: for a 2048-token prompt and a 128k vocabulary that is a
@@ -12,6 +13,11 @@ The head is found from the dataflow, as ``quantize`` finds it: the linear (float
 whose output reaches the graph's output with no linear below it. The copy takes one more input,
 ``last_index``, after the model's own. Graphs without exactly one such head, or whose head input
 is not ``[B, S, H]``, get no prefill graph (None) and generation computes all the logits.
+
+A prefill starts a sequence: every row's tokens sit at positions 0..S-1. So the copy's
+``cached_attention`` nodes become ``prompt_attention``, which writes the same cache slots and
+computes the same values but attends over the prompt's own k/v (on CUDA, cuDNN's fused kernel)
+instead of over the cache (``kernels/attention.py``).
 """
 from __future__ import annotations
 
@@ -20,7 +26,11 @@ import torch.fx as fx
 
 from ..ir import TensorSpec, input_specs, is_op, shape_of, static_dim
 
+from ..kernels import attention  # noqa: F401 - registers torch.ops.fxopt.prompt_attention
+
 aten = torch.ops.aten
+CACHED_ATTENTION = torch.ops.fxopt.cached_attention.default
+PROMPT_ATTENTION = torch.ops.fxopt.prompt_attention.default
 
 
 def _head(gm: fx.GraphModule) -> fx.Node | None:
@@ -62,6 +72,8 @@ def last_token_graph(gm: fx.GraphModule) -> fx.GraphModule | None:
         picked = graph.call_function(aten.gather.default, (new_h, 1, wide))
     new_head = env[head]
     new_head.args = (picked, *new_head.args[1:])
+    for node in graph.find_nodes(op="call_function", target=CACHED_ATTENTION):
+        node.target = PROMPT_ATTENTION
     graph.output(out)
     copy = fx.GraphModule(gm, graph)
     copy.meta = dict(gm.meta)

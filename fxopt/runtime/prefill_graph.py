@@ -6,8 +6,10 @@ the 7B shape's 2048-token prefill spent 41.8 ms in kernels and 93.5 ms in all, t
 7.9 ms and 40.8 ms (one host, 2026-11-27). A replayed graph costs the host one launch.
 
     runner = PrefillGraphRunner(prefill_gm, signature, max_seq_len=2048)
-    logits = runner(input_ids, position_ids, last_index)   # [B, V], a view of the static output
+    logits = runner(input_ids, last_index)   # [B, V], a view of the static output
 
+- Prompts sit at positions 0..S-1 (a prefill starts each row's sequence), so the positions are
+  captured as constants.
 - The prompt length is padded up to its bucket (16, 32, 64, ... up to ``max_seq_len``) with token
   0 at the positions that follow the prompt: those tokens write their k/v past every row's prompt,
   into slots no real query reads before the row's own next token overwrites them (the same rule
@@ -36,6 +38,9 @@ def length_buckets(max_seq_len: int) -> list[int]:
 
 
 class _Captured:
+    """A graph and the static tensors it reads and writes. The graph holds only their addresses:
+    each must live as long as the graph (the positions too, though nothing writes them again)."""
+
     def __init__(self, graph, input_ids, position_ids, last_index, output):
         self.graph, self.input_ids, self.position_ids, self.last_index = graph, input_ids, position_ids, last_index
         self.output = output
@@ -58,23 +63,24 @@ class PrefillGraphRunner:
                 return s
         raise CUDAGraphError(f"prompt length {seq} exceeds max_seq_len {self.buckets[-1]}")
 
-    def _eager(self, input_ids, position_ids, last_index):
-        flat = self.signature.flatten((), dict(input_ids=input_ids, position_ids=position_ids))
+    def _eager(self, input_ids, last_index):
+        batch, seq = input_ids.shape
+        positions = torch.arange(seq, device=input_ids.device).expand(batch, seq)
+        flat = self.signature.flatten((), dict(input_ids=input_ids, position_ids=positions))
         return self.signature.unflatten(self.gm(*flat, last_index)).logits[:, 0]
 
     @torch.no_grad()
-    def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor, last_index: torch.Tensor) -> torch.Tensor:
+    def __call__(self, input_ids: torch.Tensor, last_index: torch.Tensor) -> torch.Tensor:
         if self.failed:
-            return self._eager(input_ids, position_ids, last_index)
+            return self._eager(input_ids, last_index)
         batch, seq = input_ids.shape
         key = (batch, self.bucket(seq))
         captured = self.graphs.get(key)
         if captured is None:
             captured = self._capture(*key, input_ids.device)
             if captured is None:
-                return self._eager(input_ids, position_ids, last_index)
+                return self._eager(input_ids, last_index)
         captured.input_ids[:, :seq].copy_(input_ids)
-        captured.position_ids[:, :seq].copy_(position_ids)
         captured.last_index.copy_(last_index)
         captured.graph.replay()
         return captured.output
