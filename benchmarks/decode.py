@@ -11,7 +11,7 @@ Llama-architecture models with random bf16 weights shaped like the anchors in AN
                   gpt-fast's Inductor flags (coordinate-descent tuning);
 - ``fxopt``       ``fxopt.compile(model)``: the default pipeline, CUDA graphs on;
 - other fxopt pipelines with ``--variants``: ``fxopt-nofuse`` and ``fxopt-nofold`` (without
-  ``fuse`` / ``fold_linear``), ``fxopt-int8`` (``quantize`` then ``fold_linear``; INT8 linears stay
+  ``fuse`` / ``fold_linear``), ``fxopt-norotary`` (the rotary not folded into the attention), ``fxopt-int8`` (``quantize`` then ``fold_linear``; INT8 linears stay
   unfolded unless ``fold_quant_linear=True``), ``fxopt-int8-nofold``.
 
 Columns: ms per decoded token, tokens/s (batch × 1000 / ms), percent of the bandwidth floor
@@ -37,13 +37,14 @@ CONFIGS = {
                       num_key_value_heads=32, vocab_size=32000, tie_word_embeddings=False),
 }
 DEV = "cuda"
-# fxopt pipelines the benchmark can run (None: fxopt's default pipeline for a causal LM)
+# fxopt pipelines the benchmark can run: (passes, options); passes None: fxopt's default pipeline
 VARIANTS = {
-    "fxopt": None,
-    "fxopt-nofuse": ["canonicalize", "kv_cache", "dce", "cuda_graph"],
-    "fxopt-nofold": ["canonicalize", "kv_cache", "fuse", "dce", "cuda_graph"],
-    "fxopt-int8": ["canonicalize", "kv_cache", "fuse", "quantize", "fold_linear", "dce", "cuda_graph"],
-    "fxopt-int8-nofold": ["canonicalize", "kv_cache", "fuse", "quantize", "dce", "cuda_graph"],
+    "fxopt": (None, {}),
+    "fxopt-nofuse": (["canonicalize", "kv_cache", "dce", "cuda_graph"], {}),
+    "fxopt-nofold": (["canonicalize", "kv_cache", "fuse", "dce", "cuda_graph"], {}),
+    "fxopt-norotary": (None, dict(fuse_skip=["rotary_into_attention"])),
+    "fxopt-int8": (["canonicalize", "kv_cache", "fuse", "quantize", "fold_linear", "dce", "cuda_graph"], {}),
+    "fxopt-int8-nofold": (["canonicalize", "kv_cache", "fuse", "quantize", "dce", "cuda_graph"], {}),
 }
 
 
@@ -193,11 +194,11 @@ def run_model(name, args, ceil, rows, prefills):
 
     import fxopt
     for system in args.variants:
-        passes = VARIANTS[system]
+        passes, options = VARIANTS[system]
         try:
             torch.cuda.reset_peak_memory_stats()
             t0 = time.perf_counter()
-            compiled = fxopt.compile(model, passes=passes, max_batch_size=max_batch, max_seq_len=seq)
+            compiled = fxopt.compile(model, passes=passes, max_batch_size=max_batch, max_seq_len=seq, **options)
             compile_s = round(time.perf_counter() - t0, 1)
             print(compiled.report(), flush=True)
             for batch in args.batches:

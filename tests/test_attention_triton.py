@@ -46,18 +46,19 @@ def make_case(batch, heads_q, heads_kv, seq, dim, starts, max_seq, dtype, dim_v=
     return q, k, v, k_cache, v_cache, positions.to(device)
 
 
-def check(q, k, v, k_cache, v_cache, positions, window=0, num_splits=None, op=None):
+def check(q, k, v, k_cache, v_cache, positions, window=0, num_splits=None, op=None, cos=None, sin=None):
     """Run the Triton path on the poisoned caches (updated in place) and compare with the reference."""
     scale = q.shape[-1] ** -0.5
     expected_k, expected_v = k_cache.clone(), v_cache.clone()
-    cached_attention_reference(q, k, v, expected_k, expected_v, positions, scale, window)
+    cached_attention_reference(q, k, v, expected_k, expected_v, positions, scale, window, cos, sin)
     expected = cached_attention_reference(q, k, v, k_cache.nan_to_num(0), v_cache.nan_to_num(0),
-                                          positions, scale, window)
+                                          positions, scale, window, cos, sin)
     if op is None:
-        out = at.cached_attention_triton(q, k, v, k_cache, v_cache, positions, scale, window, num_splits=num_splits)
+        out = at.cached_attention_triton(q, k, v, k_cache, v_cache, positions, scale, window, cos, sin,
+                                         num_splits=num_splits)
     else:
-        out = op(q, k, v, k_cache, v_cache, positions, scale, window)
-    assert out.shape == expected.shape and out.dtype == q.dtype
+        out = op(q, k, v, k_cache, v_cache, positions, scale, window, cos, sin)
+    assert out.shape == expected.shape and out.dtype == expected.dtype
     assert torch.isfinite(out).all(), "NaN/inf in the output: a poisoned cache slot was read"
     torch.testing.assert_close(out, expected, **TOL[q.dtype])
     torch.testing.assert_close(k_cache, expected_k, equal_nan=True, atol=0, rtol=0)
@@ -139,6 +140,42 @@ def test_random_shapes(heads_kv, group, dim, batch, seq, window, num_splits, dty
     check(*case, window=window, num_splits=num_splits)
 
 
+def rotary_tables(batch, seq, dim, dtype, device=DEVICE, seed=1):
+    """cos/sin [batch, seq, dim] as Llama makes them (two equal halves), at random positions."""
+    g = torch.Generator().manual_seed(seed)
+    pos = torch.randint(0, 4000, (batch, seq, 1), generator=g).float()
+    freqs = pos * (10000.0 ** (-torch.arange(0, dim, 2).float() / dim))
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(device=device, dtype=dtype), emb.sin().to(device=device, dtype=dtype)
+
+
+@pytest.mark.parametrize("heads_q, heads_kv, dim, batch, num_splits, dtype, cos_batch, cos_dtype", [
+    (4, 4, 16, 1, None, torch.float32, None, None),
+    (6, 2, 48, 3, 1, torch.float16, None, None),  # one split: the kernel writes the output itself
+    (9, 3, 64, 3, 3, torch.float32, None, None),
+    (8, 1, 64, 2, 4, torch.float16, 1, None),  # one cos row for the batch (stride 0)
+    (6, 2, 48, 2, 2, torch.float16, None, torch.float32),  # fp32 tables: the rotary kernel first
+])
+def test_decode_with_rotary(heads_q, heads_kv, dim, batch, num_splits, dtype, cos_batch, cos_dtype):
+    """q and the new k rotated inside the decode kernel (the rotary folded in) equal the rotary
+    reference then attention: the cache holds the reference's rotated k bit for bit."""
+    case = make_case(batch, heads_q, heads_kv, 1, dim, STARTS[:batch], MAX_SEQ, dtype)
+    cos, sin = rotary_tables(cos_batch or batch, 1, dim, cos_dtype or dtype)
+    q, k = case[:2]
+    assert at._rotary_in_decode(q, k, cos, sin) == (cos_dtype is None)
+    check(*case, num_splits=num_splits, cos=cos, sin=sin)
+
+
+@pytest.mark.parametrize("heads_q, heads_kv, dim, seq, starts, window, dtype", [
+    (6, 2, 48, 7, [0, 10], 0, torch.float16),
+    (8, 1, 16, 70, [0, 20], 5, torch.float32),
+])
+def test_prefill_with_rotary(heads_q, heads_kv, dim, seq, starts, window, dtype):
+    case = make_case(len(starts), heads_q, heads_kv, seq, dim, starts, MAX_SEQ, dtype)
+    check(*case, window=window, cos=rotary_tables(len(starts), seq, dim, dtype)[0],
+          sin=rotary_tables(len(starts), seq, dim, dtype)[1])
+
+
 @pytest.mark.parametrize("heads_q, heads_kv, dim, seq, batch", [(4, 4, 16, 5, 1), (6, 2, 48, 13, 3), (9, 3, 64, 1, 2)])
 def test_prompt_attention_is_causal_attention_over_the_prompt(heads_q, heads_kv, dim, seq, batch):
     """prompt_attention (the CPU reference here) on prompts at slots 0..S-1: plain causal attention
@@ -184,6 +221,23 @@ def test_gpu_registered_op(dtype, heads_q, heads_kv, dim, seq, starts, window):
     at.register()
     case = make_case(len(starts), heads_q, heads_kv, seq, dim, starts, 2048, dtype, device="cuda")
     check(*case, window=window, op=torch.ops.fxopt.cached_attention)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("heads_q, heads_kv, dim, seq, starts", [
+    (32, 32, 128, 1, [700, 0, 2047]),  # llama2-7b decode: rotary in the kernel
+    (32, 8, 64, 1, [1500, 3]),  # llama-3.2-1b
+    (9, 3, 64, 1, [100, 2047, 30]),
+    (32, 8, 64, 300, [0, 1000]),  # prefill: the rotary kernel first
+])
+def test_gpu_rotary_folded(dtype, heads_q, heads_kv, dim, seq, starts):
+    """cached_attention with cos/sin on the GPU: the rotated k in the cache equals the reference's
+    bit for bit (the kernel repeats the reference's roundings, no FMA contraction)."""
+    at.register()
+    case = make_case(len(starts), heads_q, heads_kv, seq, dim, starts, 2048, dtype, device="cuda")
+    cos, sin = rotary_tables(len(starts), seq, dim, dtype, device="cuda")
+    check(*case, op=torch.ops.fxopt.cached_attention, cos=cos, sin=sin)
 
 
 @pytest.mark.gpu

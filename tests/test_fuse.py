@@ -31,7 +31,7 @@ def model_of(family):
 
 
 LLAMA_LIKE = {"qkv_concat": 2, "gate_up_concat": 2, "add_rms_norm": 4, "rms_norm": 1, "rotary": 2,
-              "gated_act:silu": 2}
+              "gated_act:silu": 2, "rotary_into_attention": 2}
 EXPECTED = {  # what fuse reports for 2 layers: per layer 1 qkv, 1 gate/up, 1 rotary, 1 gated act, ...
     "llama": LLAMA_LIKE,
     "mistral": LLAMA_LIKE,
@@ -69,8 +69,12 @@ def test_fuse_fires_on_every_family(family):
     assert counts == {
         fx_ops.rms_norm: 1 if rms else 0, fx_ops.add_rms_norm: 2 * layers if rms else 0,
         fx_ops.layer_norm: 0, fx_ops.add_layer_norm: 0 if rms else 2 * layers + 1,
-        fx_ops.rotary: layers if rms else 0, fx_ops.gated_act: layers if rms else 0,
+        fx_ops.rotary: 0, fx_ops.gated_act: layers if rms else 0,  # the rotary is folded into the attention
         fx_ops.act: 0 if rms else layers}
+    for attn in ops(compiled, fx_ops.cached_attention):
+        cos, sin = attn.args[8:10] if len(attn.args) > 8 else (None, None)
+        assert (cos is not None and sin is not None) == rms
+        assert (attn.meta.get("fxopt", {}).get("folded") == "rotary") == rms
     # nothing of a norm or of gelu_new is left standalone, in the blocks or after them
     for op in (aten.rsqrt, aten.pow, aten.mean, aten.layer_norm, aten.tanh, aten.silu, aten.relu, aten.neg):
         assert not ops(compiled, op), f"{op} left in {family}"
@@ -80,6 +84,28 @@ def test_fuse_fires_on_every_family(family):
         assert node.meta["fxopt"]["pattern"] and module_path(node)  # the dumps say what made it, and where
     ids = torch.randint(0, VOCAB, (2, 9))
     torch.testing.assert_close(compiled(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_rotary_stays_its_own_op_when_skipped_or_when_its_dtype_differs():
+    """fuse_skip=["rotary_into_attention"] keeps fxopt.rotary; so do cos/sin of another dtype than
+    q (the rotated values would change dtype), and the numbers are the same either way."""
+    from fxopt.passes.fuse import fold_rotary
+
+    model = tiny("llama")
+    skipped = fxopt.compile(model, passes=PIPELINE, fuse_skip=["rotary_into_attention"], max_batch_size=2,
+                            max_seq_len=32)
+    assert len(ops(skipped, fx_ops.rotary)) == 2
+    assert "rotary_into_attention" not in next(r for r in skipped.report() if r.name == "fuse").stats
+    folded = compiled_family("llama")[1]
+    ids = torch.randint(0, VOCAB, (2, 7))
+    torch.testing.assert_close(skipped(ids).logits, folded(ids).logits, rtol=0, atol=0)
+    gm = skipped.graph_module
+    cos = ops(skipped, fx_ops.rotary)[0].args[2]  # the layers share the tables
+    val = cos.meta["val"]
+    cos.meta["val"] = val.to(torch.float64)  # as if the tables were computed in fp64
+    assert fold_rotary(gm) == 0 and len(ops(skipped, fx_ops.rotary)) == 2
+    cos.meta["val"] = val
+    assert fold_rotary(gm) == 2 and not ops(skipped, fx_ops.rotary)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -6,7 +6,10 @@
 - ``k_cache``, ``v_cache`` [max_batch, Hkv, max_seq, D], written in place: row ``b``'s token ``s``
   goes to slot ``positions[b, s]``;
 - each query at position ``p`` then attends to the slots ``j <= p`` of its own row (and
-  ``j > p - window`` when ``window > 0``, for sliding-window models).
+  ``j > p - window`` when ``window > 0``, for sliding-window models);
+- optional ``cos``, ``sin`` [B, S, D] (the dtype of q and k): the rotary embedding, applied to q
+  and k first (``rotary.py``), so that it costs no kernel of its own at decode. ``fuse`` folds an
+  ``fxopt.rotary`` whose only reader is the attention into it.
 
 Prefill (S = prompt length) and decode (S = 1) are the same op. A batch of prompts of different
 lengths is right-padded: a pad token writes a slot past its row's prompt, which the row's real
@@ -26,10 +29,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .rotary import rotary_reference
+
 
 def cached_attention_reference(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
-                               positions: Tensor, scale: float, window: int = 0) -> Tensor:
-    """Write k/v into the caches at ``positions``, then attend causally over the cache."""
+                               positions: Tensor, scale: float, window: int = 0,
+                               cos: Tensor | None = None, sin: Tensor | None = None) -> Tensor:
+    """Write k/v into the caches at ``positions``, then attend causally over the cache. With
+    ``cos``/``sin``, q and k are rotated first (``rotary_reference``)."""
+    if cos is not None:
+        q, k = rotary_reference(q, k, cos, sin)
     batch, heads_q, seq, _ = q.shape
     heads_kv = k.shape[1]
     _check(q, k, v, k_cache, v_cache, positions)
@@ -68,22 +77,24 @@ def _check(q, k, v, k_cache, v_cache, positions) -> None:
 
 @torch.library.custom_op("fxopt::cached_attention", mutates_args=("k_cache", "v_cache"))
 def cached_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
-                     positions: Tensor, scale: float, window: int = 0) -> Tensor:
-    return cached_attention_reference(q, k, v, k_cache, v_cache, positions, scale, window)
+                     positions: Tensor, scale: float, window: int = 0,
+                     cos: Tensor | None = None, sin: Tensor | None = None) -> Tensor:
+    return cached_attention_reference(q, k, v, k_cache, v_cache, positions, scale, window, cos, sin)
 
 
 @cached_attention.register_fake
-def _(q, k, v, k_cache, v_cache, positions, scale, window=0):
+def _(q, k, v, k_cache, v_cache, positions, scale, window=0, cos=None, sin=None):
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 
 @torch.library.custom_op("fxopt::prompt_attention", mutates_args=("k_cache", "v_cache"))
 def prompt_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
-                     positions: Tensor, scale: float, window: int = 0) -> Tensor:
+                     positions: Tensor, scale: float, window: int = 0,
+                     cos: Tensor | None = None, sin: Tensor | None = None) -> Tensor:
     """``cached_attention`` for prompts at slots 0..S-1 of every row (``positions[b, s] == s``)."""
-    return cached_attention_reference(q, k, v, k_cache, v_cache, positions, scale, window)
+    return cached_attention_reference(q, k, v, k_cache, v_cache, positions, scale, window, cos, sin)
 
 
 @prompt_attention.register_fake
-def _(q, k, v, k_cache, v_cache, positions, scale, window=0):
+def _(q, k, v, k_cache, v_cache, positions, scale, window=0, cos=None, sin=None):
     return q.new_empty((*q.shape[:-1], v.shape[-1]))

@@ -16,6 +16,8 @@ Decode (S == 1): flash-decoding, memory-bound, the path that matters.
     from k/v in registers, writes it into the cache and folds it into its softmax as one more key.
     No program reads slot ``p``, so the in-kernel write races with nothing and the cache write costs
     no extra launch. With one split the decode kernel normalises and writes the output directly.
+    With ``cos``/``sin`` (the rotary folded in by ``fuse``) every program rotates its q block, and
+    the last split the new k, as it loads them: the rotary costs no launch either.
 
 Prefill (S > 1): a small scatter kernel writes the S new k/v rows into the cache, then a
     flash-attention kernel (grid ``(cdiv(S, BLOCK_M), B * Hq)``, one query head per program) attends
@@ -53,6 +55,8 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .attention import _check, cached_attention, cached_attention_reference, prompt_attention
+from .rotary import rotary_reference
+from .rotary_triton import rotary_triton, supported as rotary_supported
 
 from .triton_env import INTERPRET, jit as _jit, tl, triton
 
@@ -111,17 +115,27 @@ def _write_cache_kernel(
 
 
 @_jit
+def _rotate(x, x_pair, cos, sin, first, DT: tl.constexpr):
+    """``x * cos + rotate_half(x) * sin`` with the reference's roundings (each product and the sum
+    rounded to DT, the dtype of q, k, cos and sin); ``x_pair`` holds x's other half at each lane."""
+    a = (x.to(tl.float32) * cos).to(DT).to(tl.float32)
+    b = (x_pair.to(tl.float32) * sin).to(DT).to(tl.float32)
+    return tl.where(first, a - b, a + b).to(DT)
+
+
+@_jit
 def _decode_kernel(
-    Q, K, V, KC, VC, POS, OUT, PART_ACC, PART_M, PART_L,
+    Q, K, V, KC, VC, POS, OUT, PART_ACC, PART_M, PART_L, COS, SIN,
     scale_log2, window, max_seq,
     sq_b, sq_h, sq_d, sk_b, sk_h, sk_d, sv_b, sv_h, sv_d,
     skc_b, skc_h, skc_s, skc_d, svc_b, svc_h, svc_s, svc_d,
-    sp_b, so_b, so_h, so_d,
+    sp_b, so_b, so_h, so_d, scos_b, scos_d, ssin_b, ssin_d,
     GROUP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, NUM_SPLITS: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, ROTARY: tl.constexpr,
 ):
-    """One (row b, kv head h, split): all GROUP query heads of h over this split's share of the cache."""
+    """One (row b, kv head h, split): all GROUP query heads of h over this split's share of the cache.
+    With ROTARY, q and the new k are rotated here, from COS/SIN [B, 1, D] (see ``_rotate``)."""
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     split = tl.program_id(2)
@@ -135,8 +149,15 @@ def _decode_kernel(
     mask_dv = offs_dv < DV
     heads = h * GROUP + offs_g  # query heads of this kv head: h*G .. h*G+G-1, as the reference groups them
 
-    q = tl.load(Q + b * sq_b + heads[:, None] * sq_h + offs_d[None, :] * sq_d,
-                mask=mask_g[:, None] & mask_d[None, :], other=0.0)
+    mask_q = mask_g[:, None] & mask_d[None, :]
+    q = tl.load(Q + b * sq_b + heads[:, None] * sq_h + offs_d[None, :] * sq_d, mask=mask_q, other=0.0)
+    if ROTARY:
+        first = offs_d < D // 2
+        offs_pair = tl.where(first, offs_d + D // 2, offs_d - D // 2)  # the other half of each lane
+        cos = tl.load(COS + b * scos_b + offs_d * scos_d, mask=mask_d, other=0.0).to(tl.float32)
+        sin = tl.load(SIN + b * ssin_b + offs_d * ssin_d, mask=mask_d, other=0.0).to(tl.float32)
+        q_pair = tl.load(Q + b * sq_b + heads[:, None] * sq_h + offs_pair[None, :] * sq_d, mask=mask_q, other=0.0)
+        q = _rotate(q, q_pair, cos[None, :], sin[None, :], first[None, :], Q.dtype.element_ty)
     q = q.to(KC.dtype.element_ty)  # tl.dot wants both operands in one dtype
 
     # Visible cache slots: [lo, end), then the new token at slot pos. Split s takes the s-th chunk of
@@ -177,7 +198,11 @@ def _decode_kernel(
     if split == NUM_SPLITS - 1:
         # The new token: write it to the cache (rounded to the cache dtype, as the reference reads it
         # back) and fold it in as one more key, straight from registers.
-        k_new = tl.load(K + b * sk_b + h * sk_h + offs_d * sk_d, mask=mask_d, other=0.0).to(KC.dtype.element_ty)
+        k_new = tl.load(K + b * sk_b + h * sk_h + offs_d * sk_d, mask=mask_d, other=0.0)
+        if ROTARY:
+            k_pair = tl.load(K + b * sk_b + h * sk_h + offs_pair * sk_d, mask=mask_d, other=0.0)
+            k_new = _rotate(k_new, k_pair, cos, sin, first, K.dtype.element_ty)
+        k_new = k_new.to(KC.dtype.element_ty)
         v_new = tl.load(V + b * sv_b + h * sv_h + offs_dv * sv_d, mask=mask_dv, other=0.0).to(VC.dtype.element_ty)
         # Skip the write for a position outside the cache. (Written as a bound on the lane index:
         # the interpreter turns `vector_bool & scalar_bool` into ints, which tl.store rejects.)
@@ -320,7 +345,7 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # "tf32" is ignored for fp16/bf16 operands
 
 
-def _decode(q, k, v, k_cache, v_cache, positions, out, scale, window, num_splits=None):
+def _decode(q, k, v, k_cache, v_cache, positions, out, scale, window, num_splits=None, cos=None, sin=None):
     batch, heads_q, _, dim = q.shape
     heads_kv, dim_v = k.shape[1], v.shape[-1]
     group = heads_q // heads_kv
@@ -335,17 +360,26 @@ def _decode(q, k, v, k_cache, v_cache, positions, out, scale, window, num_splits
         part_l = torch.empty_like(part_m)
     else:  # the kernel writes the output itself; these are never touched
         part_acc = part_m = part_l = out
+    rotary = cos is not None
+    if rotary:  # [B or 1, 1, D] -> [B, D] (a batch of 1 broadcast with stride 0)
+        cos, sin = cos.expand(batch, 1, dim)[:, 0], sin.expand(batch, 1, dim)[:, 0]
+    else:
+        cos = sin = out  # never read
     _decode_kernel[(batch, heads_kv, num_splits)](
-        q, k, v, k_cache, v_cache, positions, out, part_acc, part_m, part_l,
+        q, k, v, k_cache, v_cache, positions, out, part_acc, part_m, part_l, cos, sin,
         scale * LOG2E, window if window > 0 else NO_WINDOW, max_seq,
         q.stride(0), q.stride(1), q.stride(3), k.stride(0), k.stride(1), k.stride(3),
         v.stride(0), v.stride(1), v.stride(3),
         *k_cache.stride(), *v_cache.stride(),
         positions.stride(0), out.stride(0), out.stride(1), out.stride(3),
+        cos.stride(0), cos.stride(-1), sin.stride(0), sin.stride(-1),
         GROUP=group, D=dim, DV=dim_v, NUM_SPLITS=num_splits,
         BLOCK_G=block_g, BLOCK_N=DECODE_BLOCK_N, BLOCK_D=block_d, BLOCK_DV=block_dv,
-        DOT_PRECISION=_dot_precision(k_cache.dtype),
+        DOT_PRECISION=_dot_precision(k_cache.dtype), ROTARY=rotary,
         num_warps=DECODE_NUM_WARPS, num_stages=DECODE_NUM_STAGES,
+        # No FMA contraction with rotary: it would skip the roundings _rotate repeats from the
+        # reference (as in rotary_triton).
+        enable_fp_fusion=not rotary,
     )
     if num_splits > 1:
         _combine_kernel[(batch, heads_q)](
@@ -386,12 +420,28 @@ def _prefill(q, k_cache, v_cache, positions, out, scale, window):
     )
 
 
+def _rotary_in_decode(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> bool:
+    """Whether the decode kernel applies this rotary itself: one dtype for q, k, cos and sin (so the
+    rotated values keep q's dtype), an even head dim, cos/sin [B or 1, 1, D]."""
+    batch, _, seq, dim = q.shape
+    return (seq == 1 and dim % 2 == 0 and k.dtype == q.dtype and cos.dtype == q.dtype and sin.dtype == q.dtype
+            and cos.dim() == 3 and cos.shape == sin.shape and cos.shape[1:] == (1, dim) and cos.shape[0] in (1, batch))
+
+
+def _rotated(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """q and k rotated by their own kernel (the reference for what that kernel does not take)."""
+    return rotary_triton(q, k, cos, sin) if rotary_supported(q, k, cos, sin) else rotary_reference(q, k, cos, sin)
+
+
 def cached_attention_triton(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
-                            positions: Tensor, scale: float, window: int = 0, *,
+                            positions: Tensor, scale: float, window: int = 0,
+                            cos: Tensor | None = None, sin: Tensor | None = None, *,
                             num_splits: int | None = None) -> Tensor:
     """Same contract as ``cached_attention_reference``, on Triton kernels (CUDA tensors, or CPU
     tensors under ``TRITON_INTERPRET=1``). No host sync: safe to capture in a CUDA graph.
 
+    With ``cos``/``sin``, decode rotates q and the new k inside its kernel; prompts (and
+    arguments that kernel does not take) run the rotary kernel first.
     ``num_splits`` overrides the decode split count (tests; tuning); by default it follows
     ``decode_num_splits``.
     """
@@ -401,12 +451,15 @@ def cached_attention_triton(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_
         raise RuntimeError("cached_attention_triton: CPU tensors need TRITON_INTERPRET=1 set before fxopt "
                            "is imported")
     _check(q, k, v, k_cache, v_cache, positions)
+    if cos is not None and not _rotary_in_decode(q, k, cos, sin):
+        q, k = _rotated(q, k, cos, sin)
+        cos = sin = None
     batch, heads_q, seq, _ = q.shape
     out = torch.empty((batch, heads_q, seq, v.shape[-1]), dtype=q.dtype, device=q.device)
     if out.numel() == 0:
         return out
     if seq == 1:
-        _decode(q, k, v, k_cache, v_cache, positions, out, scale, window, num_splits)
+        _decode(q, k, v, k_cache, v_cache, positions, out, scale, window, num_splits, cos, sin)
     else:
         write_cache(k, v, k_cache, v_cache, positions)  # same stream: done before _prefill reads
         _prefill(q, k_cache, v_cache, positions, out, scale, window)
@@ -420,11 +473,16 @@ PROMPT_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBa
 
 
 def prompt_attention_cuda(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
-                          positions: Tensor, scale: float, window: int = 0) -> Tensor:
-    """``prompt_attention`` on CUDA: k/v scattered into the caches, then causal SDPA over q, k, v.
+                          positions: Tensor, scale: float, window: int = 0,
+                          cos: Tensor | None = None, sin: Tensor | None = None) -> Tensor:
+    """``prompt_attention`` on CUDA: q and k rotated (with cos/sin), k/v scattered into the caches,
+    then causal SDPA over q, k, v.
 
     Sliding windows, fp32, mixed dtypes, q/v head dims that differ and single tokens take
     ``cached_attention_triton`` instead, which computes the same thing from the cache."""
+    if cos is not None:
+        _check(q, k, v, k_cache, v_cache, positions)
+        q, k = _rotated(q, k, cos, sin)
     simple = (window <= 0 and q.shape[2] > 1 and q.dtype in (torch.float16, torch.bfloat16)
               and k.dtype == q.dtype and v.dtype == q.dtype and q.shape[-1] == v.shape[-1])
     if not simple:
@@ -448,8 +506,8 @@ def register() -> bool:
     return True
 
 
-def _cuda_impl(q, k, v, k_cache, v_cache, positions, scale, window=0):
-    return cached_attention_triton(q, k, v, k_cache, v_cache, positions, scale, window)
+def _cuda_impl(q, k, v, k_cache, v_cache, positions, scale, window=0, cos=None, sin=None):
+    return cached_attention_triton(q, k, v, k_cache, v_cache, positions, scale, window, cos, sin)
 
 
 

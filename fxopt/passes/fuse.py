@@ -21,7 +21,10 @@ d. **activations** — ``act(gate) * up`` over the two halves of a concatenated 
    ``fxopt.gated_act(gate_up, kind)``; a plain activation right after a linear → ``fxopt.act``.
    ``kind``: silu, gelu, gelu_tanh (``F.gelu(approximate='tanh')`` or GPT-2's ``gelu_new`` spelled
    out in ATen), relu.
-e. attention is ``kv_cache``'s business: an SDPA left in the graph stays as it is.
+e. attention is ``kv_cache``'s business: an SDPA left in the graph stays as it is. But a
+   ``fxopt.rotary`` whose two results only feed one ``fxopt.cached_attention`` as its q and k,
+   with cos/sin of q's dtype, is **folded into it** (``cached_attention(..., cos, sin)``): at
+   decode the attention kernel rotates q and the new k itself, one kernel a layer less.
 
 The pass after it, ``fold_linear``, folds the norms, gated activations and residual adds it made
 into the linears around them.
@@ -393,6 +396,32 @@ def stat_name(pattern: Pattern) -> str:
     return pattern.name.split("/")[0]
 
 
+def fold_rotary(gm: fx.GraphModule) -> int:
+    """Step e: ``cached_attention(rotary(q, k, cos, sin)[0], [1], v, ...)`` →
+    ``cached_attention(q, k, v, ..., cos, sin)``; returns how many folded."""
+    count = 0
+    for attn in list(gm.graph.find_nodes(op="call_function", target=fxopt_ops.cached_attention.default)):
+        q_r, k_r = attn.args[:2]
+        if len(attn.args) > 8 or attn.kwargs or not all(is_op(a, operator.getitem) for a in (q_r, k_r)):
+            continue
+        rot = q_r.args[0]
+        if not is_op(rot, fxopt_ops.rotary.default) or k_r.args[0] is not rot or (q_r.args[1], k_r.args[1]) != (0, 1):
+            continue
+        if set(rot.users) != {q_r, k_r} or set(q_r.users) != {attn} or set(k_r.users) != {attn}:
+            continue
+        q, k, cos, sin = rot.args
+        dtypes = {getattr(a.meta.get("val"), "dtype", None) for a in (q, k, cos, sin)}
+        if len(dtypes) != 1 or None in dtypes:
+            continue  # the rotated values would change dtype: leave the rotary its own op
+        window = attn.args[7] if len(attn.args) > 7 else 0
+        attn.args = (q, k, *attn.args[2:7], window, cos, sin)
+        attn.meta.setdefault("fxopt", {})["folded"] = "rotary"
+        for node in (q_r, k_r, rot):
+            gm.graph.erase_node(node)
+        count += 1
+    return count
+
+
 @register_pass("fuse")
 class Fuse(Pass):
     name = "fuse"
@@ -411,6 +440,8 @@ class Fuse(Pass):
             found = rewrite(gm, step)
             fired[stat_name(step)] += len(found)
             misses[step.name] = found.near_misses
+        if "rotary_into_attention" not in skip:
+            fired["rotary_into_attention"] += fold_rotary(gm)
         gm.graph.lint()
         fired = {k: v for k, v in fired.items() if v}
         near = [str(m) for m in self._near_misses(misses)]

@@ -211,11 +211,16 @@ class _Propagator:
 
     def __init__(self, gm: fx.GraphModule, tp: int, decisions: dict, verify: bool = False):
         self.gm, self.tp, self.decisions, self.verify = gm, tp, decisions, verify
+        self.nodes = list(gm.graph.nodes)
         self.specs: dict[fx.Node, object] = {}
         self.gather: list[fx.Node] = []  # sharded values that leave the graph
 
-    def run(self) -> dict:
-        for node in self.gm.graph.nodes:
+    def run(self, start: int = 0) -> dict:
+        """The specs of the nodes from index ``start`` on. Those before keep the specs of the last
+        run: in topological order they depend only on earlier nodes and decisions, so when a
+        decision changes, propagation resumes at the changed linear instead of the top."""
+        self.gather = []  # filled by the output node, always past ``start``
+        for node in self.nodes[start:]:
             self.specs[node] = self.rule(node)
         return self.specs
 
@@ -559,24 +564,27 @@ def decide(gm: fx.GraphModule, tp: int, max_rounds: int = 1000):
             # the vocabulary; smaller tables (GPT-2's positions) stay whole: an all-reduce would cost more
             decisions[node] = _Decision("vocab", tp)
     notes: list[str] = []
+    prop = _Propagator(gm, tp, decisions)
+    index = {n: i for i, n in enumerate(prop.nodes)}
+    start = 0  # where the last change of decisions can first show
     for _ in range(max_rounds):
-        for d in decisions.values():
-            if d.kind == "row":
-                d.kind = "column"  # re-derived each round
-        prop = _Propagator(gm, tp, decisions)
+        for node, d in decisions.items():
+            if d.kind == "row" and index[node] >= start:
+                d.kind = "column"  # re-derived from its input below
         try:
-            specs = prop.run()
+            specs = prop.run(start)
         except _Adjust as e:
             d = decisions[e.linear]
             for k, v in e.changes.items():
                 setattr(d, k, v)
+            start = index[e.linear]
             continue
         except _Conflict as e:
             origins = [o for o in e.origins if decisions.get(o) is not None and decisions[o].kind == "column"]
             if not origins:
                 raise PassError(f"shard: cannot split at {describe(e.node)}: {e.reason}") from None
-            retry = _kv_retry(e, decisions, tp)
-            if retry:
+            start = min(index[o] for o in origins)
+            if _kv_retry(e, decisions, tp):
                 continue
             for o in origins:
                 decisions[o] = _Decision("replicate", why=f"{e.reason} at {describe(e.node)}")
