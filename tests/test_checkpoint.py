@@ -393,13 +393,13 @@ def _rss(key):
 
 
 @pytest.mark.slow
-def test_smollm2_from_checkpoint(smollm2, smollm2_dir, monkeypatch):
+def test_smollm2_from_checkpoint(smollm2, smollm2_dir, smollm2_compiled, monkeypatch):
     """compile_from_checkpoint(SmolLM2) generates the tokens fxopt.compile(load_model(...)) does;
     the resident memory that loading adds peaks at the weights it makes plus at most the largest
     recipe's sources (not the checkpoint again on top)."""
     import fxopt.checkpoint as checkpoint
 
-    model, tokenizer = smollm2
+    _, tokenizer = smollm2
     peak = {}
     load = checkpoint.load_checkpoint
 
@@ -424,7 +424,7 @@ def test_smollm2_from_checkpoint(smollm2, smollm2_dir, monkeypatch):
         slack = 48 * 2**20
         assert peak["extra"] <= weights + stats.largest_recipe_bytes + slack, (peak, weights, stats)
         assert peak["extra"] < weights + stats.checkpoint_bytes / 2
-    theirs = fxopt.compile(model, max_batch_size=1, max_seq_len=32)
+    theirs = smollm2_compiled  # the default pipeline over the model load_model made
     ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
     kw = dict(max_new_tokens=4, eos_token_id=None)
     assert torch.equal(ours.generate(ids, **kw), theirs.generate(ids, **kw))

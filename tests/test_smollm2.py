@@ -11,9 +11,8 @@ PROMPTS = ["The capital of France is", "Once upon a time, in a small village,", 
 
 
 @pytest.fixture(scope="module")
-def compiled(smollm2):
-    model, _ = smollm2
-    return fxopt.compile(model, max_batch_size=4, max_seq_len=128)
+def compiled(smollm2_compiled):
+    return smollm2_compiled
 
 
 def _left_padded(tokenizer, texts):

@@ -1,7 +1,7 @@
 """Ops fxopt introduces: each a torch custom op (namespace ``fxopt``) with a plain-PyTorch
 reference, a fake implementation for shapes, and where it pays a Triton kernel for CUDA.
 
-One file per op family: ``attention`` (cached attention), ``norm`` (RMSNorm / LayerNorm with the
+One file per op family: ``attention`` (cached attention, and prompt attention for prefills), ``norm`` (RMSNorm / LayerNorm with the
 residual add), ``rotary`` (RoPE on q and k), ``activation`` (gated MLP activations). Files named
 ``*_triton.py`` hold the Triton kernels and register them as the CUDA implementations.
 """

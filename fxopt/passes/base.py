@@ -76,8 +76,8 @@ class Pass:
     """
 
     name: str = "pass"
-    #: True when the pass only removes nodes, so every surviving node's meta['val'] stays right
-    #: and the manager may skip re-propagating shapes.
+    #: True when every node's meta['val'] is right after the pass (it only removes nodes, or it
+    #: propagated shapes itself as its last step), so the manager may skip re-propagating them.
     preserves_meta: bool = False
 
     def run(self, gm: fx.GraphModule, ctx: CompileContext) -> PassResult:

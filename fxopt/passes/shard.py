@@ -898,6 +898,7 @@ def _rank_and_group(ctx: CompileContext, tp: int) -> tuple[int, str]:
 
 @register_pass("shard")
 class Shard(Pass):
+    preserves_meta = True  # run() ends with propagate_meta and check(), which read the new shapes
     name = "shard"
 
     def run(self, gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
