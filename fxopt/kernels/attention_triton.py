@@ -480,14 +480,13 @@ def prompt_attention_cuda(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_ca
 
     Sliding windows, fp32, mixed dtypes, q/v head dims that differ and single tokens take
     ``cached_attention_triton`` instead, which computes the same thing from the cache."""
+    _check(q, k, v, k_cache, v_cache, positions)
     if cos is not None:
-        _check(q, k, v, k_cache, v_cache, positions)
         q, k = _rotated(q, k, cos, sin)
     simple = (window <= 0 and q.shape[2] > 1 and q.dtype in (torch.float16, torch.bfloat16)
               and k.dtype == q.dtype and v.dtype == q.dtype and q.shape[-1] == v.shape[-1])
     if not simple:
         return cached_attention_triton(q, k, v, k_cache, v_cache, positions, scale, window)
-    _check(q, k, v, k_cache, v_cache, positions)
     write_cache(k, v, k_cache, v_cache, positions)
     with sdpa_kernel(PROMPT_BACKENDS, set_priority=True):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
@@ -495,8 +494,8 @@ def prompt_attention_cuda(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_ca
 
 
 def register() -> bool:
-    """Make the Triton launcher the CUDA implementation of ``torch.ops.fxopt.cached_attention``.
-    Idempotent (re-registering replaces the function). Returns False when triton is missing.
+    """Make the Triton launcher the CUDA implementation of ``torch.ops.fxopt.cached_attention``
+    (and ``prompt_attention_cuda`` that of ``prompt_attention``). Idempotent (re-registering replaces the function). Returns False when triton is missing.
     Not called at import: ``fxopt.kernels.triton_ops.register_all`` does it on CUDA machines
     (unless FXOPT_NO_TRITON=1)."""
     if triton is None:
@@ -508,7 +507,6 @@ def register() -> bool:
 
 def _cuda_impl(q, k, v, k_cache, v_cache, positions, scale, window=0, cos=None, sin=None):
     return cached_attention_triton(q, k, v, k_cache, v_cache, positions, scale, window, cos, sin)
-
 
 
 # --------------------------------------------------------------------------------------------- #

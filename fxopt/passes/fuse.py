@@ -415,7 +415,7 @@ def fold_rotary(gm: fx.GraphModule) -> int:
             continue  # the rotated values would change dtype: leave the rotary its own op
         window = attn.args[7] if len(attn.args) > 7 else 0
         attn.args = (q, k, *attn.args[2:7], window, cos, sin)
-        attn.meta.setdefault("fxopt", {})["folded"] = "rotary"
+        attn.meta["fxopt"] = {**attn.meta.get("fxopt", {}), "folded": "rotary"}
         for node in (q_r, k_r, rot):
             gm.graph.erase_node(node)
         count += 1

@@ -49,10 +49,10 @@ class CompiledModel(torch.nn.Module):
         With the ``cuda_graph`` pass, prefills replay CUDA graphs too (``prefill_graph.py``); the
         logits are then a view of the graph's static output, valid until the next prefill.
         """
-        batch, seq = input_ids.shape
-        position_ids = torch.arange(seq, device=input_ids.device).expand(batch, seq)
+        from .last_token import last_token_graph, prompt_positions
+
+        position_ids = prompt_positions(*input_ids.shape, input_ids.device)
         if self._prefill_gm is False:
-            from .last_token import last_token_graph
             self._prefill_gm = last_token_graph(self.graph_module)
         if self._prefill_gm is None:
             logits = self.step(input_ids, position_ids)

@@ -33,6 +33,11 @@ CACHED_ATTENTION = torch.ops.fxopt.cached_attention.default
 PROMPT_ATTENTION = torch.ops.fxopt.prompt_attention.default
 
 
+def prompt_positions(batch: int, seq: int, device) -> torch.Tensor:
+    """The positions of a prefill: 0..seq-1 in every row ([batch, seq], rows broadcast)."""
+    return torch.arange(seq, device=device).expand(batch, seq)
+
+
 def _head(gm: fx.GraphModule) -> fx.Node | None:
     from ..passes.quantize import LINEARS
 

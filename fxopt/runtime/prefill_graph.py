@@ -24,6 +24,7 @@ import torch
 import torch.fx as fx
 
 from .cuda_graph import CUDAGraphError, capture_failed
+from .last_token import prompt_positions
 
 MIN_BUCKET = 16
 
@@ -64,8 +65,7 @@ class PrefillGraphRunner:
         raise CUDAGraphError(f"prompt length {seq} exceeds max_seq_len {self.buckets[-1]}")
 
     def _eager(self, input_ids, last_index):
-        batch, seq = input_ids.shape
-        positions = torch.arange(seq, device=input_ids.device).expand(batch, seq)
+        positions = prompt_positions(*input_ids.shape, input_ids.device)
         flat = self.signature.flatten((), dict(input_ids=input_ids, position_ids=positions))
         return self.signature.unflatten(self.gm(*flat, last_index)).logits[:, 0]
 
@@ -88,7 +88,7 @@ class PrefillGraphRunner:
     def _capture(self, batch: int, length: int, device) -> _Captured | None:
         # Past the prompt: token 0 at the next positions (set once here, never overwritten).
         ids = torch.zeros(batch, length, dtype=torch.long, device=device)
-        pos = torch.arange(length, device=device).expand(batch, length).contiguous()
+        pos = prompt_positions(batch, length, device).contiguous()
         last = torch.zeros(batch, dtype=torch.long, device=device)
         flat = self.signature.flatten((), dict(input_ids=ids, position_ids=pos))
         try:
