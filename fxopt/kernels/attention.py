@@ -82,11 +82,6 @@ def cached_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: 
     return cached_attention_reference(q, k, v, k_cache, v_cache, positions, scale, window, cos, sin)
 
 
-@cached_attention.register_fake
-def _(q, k, v, k_cache, v_cache, positions, scale, window=0, cos=None, sin=None):
-    return q.new_empty((*q.shape[:-1], v.shape[-1]))
-
-
 @torch.library.custom_op("fxopt::prompt_attention", mutates_args=("k_cache", "v_cache"))
 def prompt_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
                      positions: Tensor, scale: float, window: int = 0,
@@ -95,6 +90,7 @@ def prompt_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: 
     return cached_attention_reference(q, k, v, k_cache, v_cache, positions, scale, window, cos, sin)
 
 
+@cached_attention.register_fake
 @prompt_attention.register_fake
 def _(q, k, v, k_cache, v_cache, positions, scale, window=0, cos=None, sin=None):
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
