@@ -175,3 +175,16 @@ def test_chunked_argmax_is_argmax(device):
         assert torch.equal(chunked_argmax(logits, chunks), logits.argmax(-1))
         assert torch.equal(greedy(logits), logits.argmax(-1))
         assert chunked_argmax(logits, chunks)[0] == 5
+
+
+def test_generate_runs_without_autograd():
+    """The weights require grad (as transformers loads them); generation must not track them."""
+    model = tiny("llama")
+    assert any(p.requires_grad for p in model.parameters())
+    compiled = fxopt.compile(model, max_batch_size=2, max_seq_len=32)
+    seen = []
+    step, prefill = compiled.step, compiled.prefill
+    compiled.step = lambda *a: (seen.append(torch.is_grad_enabled()), step(*a))[1]
+    compiled.prefill = lambda *a: (seen.append(torch.is_grad_enabled()), prefill(*a))[1]
+    compiled.generate(torch.randint(0, VOCAB, (2, 4)), max_new_tokens=5, eos_token_id=None)
+    assert len(seen) == 5 and not any(seen)

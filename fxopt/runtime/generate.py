@@ -168,6 +168,7 @@ def stream(model, input_ids, attention_mask=None, **kwargs) -> Iterator[torch.Te
         yield tokens.cpu()
 
 
+@torch.no_grad()  # generate() calls it directly: without this, autograd would track every step
 def _decode(model, input_ids, attention_mask=None, *, check_every: int, max_new_tokens: int = 32,
             do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
             eos_token_id=MODEL_DEFAULT, pad_token_id=None, seed: int | None = None,
