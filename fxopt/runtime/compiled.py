@@ -22,7 +22,7 @@ class CompiledModel(torch.nn.Module):
         self._runner = None
         self._prefill_gm = False  # built on first use: None when the graph has no single LM head
         self._prefill_runner = None
-        self._direct = {}  # graph -> (its code, the graph to run it with): see _executable
+        self._direct = {}  # id(graph) -> (graph, its code, what runs it): see _executable
         self.last_timings: dict = {}  # of the last generate(): prefill_ms, decode_ms_per_token, ...
 
     # -- calling ----------------------------------------------------------------------------
