@@ -27,12 +27,36 @@ class CUDAGraphError(FxoptError):
     """A decode step could not be captured into a CUDA graph."""
 
 
-def buckets_for(max_batch_size: int) -> list[int]:
-    sizes, b = [], 1
-    while b < max_batch_size:
+def buckets_for(limit: int, first: int = 1) -> list[int]:
+    """``first``, twice that, four times, ... below ``limit``, then ``limit`` itself."""
+    sizes, b = [], first
+    while b < limit:
         sizes.append(b)
         b *= 2
-    return sizes + [max_batch_size]
+    return sizes + [limit]
+
+
+def smallest_bucket(buckets: list[int], size: int, what: str, limit_name: str) -> int:
+    """The first bucket that holds ``size``; a CUDAGraphError past the last one."""
+    for b in buckets:
+        if b >= size:
+            return b
+    raise CUDAGraphError(f"{what} {size} exceeds {limit_name} {buckets[-1]}")
+
+
+def capture(fn, *, warmup: int, pool):
+    """Run ``fn`` ``warmup`` times on a side stream (kernels compile, the allocator settles), then
+    capture one call of it into a CUDA graph in ``pool``; returns (graph, what that call returned)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = fn()
+    return graph, out
 
 
 class _Captured:
@@ -54,10 +78,7 @@ class CUDAGraphRunner:
         self.graphs: dict[int, _Captured] = {}
 
     def bucket(self, batch: int) -> int:
-        for b in self.buckets:
-            if b >= batch:
-                return b
-        raise CUDAGraphError(f"batch {batch} exceeds max_batch_size {self.buckets[-1]}")
+        return smallest_bucket(self.buckets, batch, "batch", "max_batch_size")
 
     def _eager(self, input_ids, position_ids):
         return self.signature.call(self.gm, input_ids=input_ids, position_ids=position_ids).logits
@@ -86,15 +107,7 @@ class CUDAGraphRunner:
         pos = torch.full((size, 1), self.park, dtype=torch.long, device=device)
         flat = self.signature.flatten((), {"input_ids": ids, "position_ids": pos})
         try:
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(self.warmup):
-                    self.gm(*flat)
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                out = self.gm(*flat)
+            graph, out = capture(lambda: self.gm(*flat), warmup=self.warmup, pool=self.pool)
         except Exception as e:  # noqa: BLE001 - name the culprit, or fall back if asked to
             capture_failed(f"decode step for batch bucket {size}", e, self.gm, flat, self.fallback, "eager decode")
             self.failed = True

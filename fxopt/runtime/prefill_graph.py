@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from .cuda_graph import CUDAGraphError, capture_failed
+from .cuda_graph import buckets_for, capture, capture_failed, smallest_bucket
 from .last_token import prompt_positions
 
 MIN_BUCKET = 16
@@ -31,11 +31,7 @@ MIN_BUCKET = 16
 
 def length_buckets(max_seq_len: int) -> list[int]:
     """16, 32, 64, ... and ``max_seq_len`` itself as the last bucket."""
-    sizes, s = [], MIN_BUCKET
-    while s < max_seq_len:
-        sizes.append(s)
-        s *= 2
-    return sizes + [max_seq_len]
+    return buckets_for(max_seq_len, MIN_BUCKET)
 
 
 class _Captured:
@@ -59,10 +55,7 @@ class PrefillGraphRunner:
         self.graphs: dict[tuple[int, int], _Captured] = {}
 
     def bucket(self, seq: int) -> int:
-        for s in self.buckets:
-            if s >= seq:
-                return s
-        raise CUDAGraphError(f"prompt length {seq} exceeds max_seq_len {self.buckets[-1]}")
+        return smallest_bucket(self.buckets, seq, "prompt length", "max_seq_len")
 
     def _eager(self, input_ids, last_index):
         positions = prompt_positions(*input_ids.shape, input_ids.device)
@@ -92,15 +85,8 @@ class PrefillGraphRunner:
         last = torch.zeros(batch, dtype=torch.long, device=device)
         flat = self.signature.flatten((), dict(input_ids=ids, position_ids=pos))
         try:
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(self.warmup):
-                    self.gm(*flat, last)
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                out = self.signature.unflatten(self.gm(*flat, last)).logits[:, 0]
+            graph, out = capture(lambda: self.signature.unflatten(self.gm(*flat, last)).logits[:, 0],
+                                 warmup=self.warmup, pool=self.pool)
         except Exception as e:  # noqa: BLE001 - name the culprit, or fall back if asked to
             capture_failed(f"prefill of batch {batch}, length bucket {length}", e, self.gm, (*flat, last),
                            self.fallback, "eager prefill")
