@@ -14,6 +14,9 @@ Llama-architecture models with random bf16 weights shaped like the anchors in AN
   ``fuse`` / ``fold_linear``), ``fxopt-norotary`` (the rotary not folded into the attention), ``fxopt-int8`` (``quantize`` then ``fold_linear``; INT8 linears stay
   unfolded unless ``fold_quant_linear=True``), ``fxopt-int8-nofold``.
 
+``--pdl off on`` runs every fxopt variant once per programmatic-dependent-launch mode
+(``fxopt/kernels/triton_env.py``), as rows named ``fxopt/off``; without it, fxopt's default (on).
+
 Columns: ms per decoded token, tokens/s (batch × 1000 / ms), percent of the bandwidth floor
 (weight + KV bytes read per step ÷ device-to-device copy bandwidth measured in the same run),
 compile time, peak GPU memory. A prefill of 2048 tokens (batch 1) runs beside it. Results are
@@ -152,6 +155,13 @@ def fxopt_prefill(model, ids) -> float:
     return min(times[1:])
 
 
+def set_pdl(mode: str | None) -> None:
+    """Set triton_env's PDL mode (None: its default). Kernels read it at launch, so a mode holds
+    for everything compiled and captured under it."""
+    from fxopt.kernels import triton_env
+    triton_env.PDL_MODE = mode or os.environ.get("FXOPT_PDL", "on")
+
+
 def _or_nan(fn, *args) -> float:
     try:
         return fn(*args)
@@ -193,9 +203,12 @@ def run_model(name, args, ceil, rows, prefills):
         add("hf-eager", batch, hf_decode(model, model.forward, batch, args.prompt, args.new), peak=peak_gb())
 
     import fxopt
-    for system in args.variants:
+    for system, pdl in [(v, p) for v in args.variants for p in (args.pdl or [None])]:
         passes, options = VARIANTS[system]
+        if pdl is not None:
+            system = f"{system}/{pdl}"
         try:
+            set_pdl(pdl)
             torch.cuda.reset_peak_memory_stats()
             t0 = time.perf_counter()
             compiled = fxopt.compile(model, passes=passes, max_batch_size=max_batch, max_seq_len=seq, **options)
@@ -210,6 +223,7 @@ def run_model(name, args, ceil, rows, prefills):
             traceback.print_exc()
             rows.append(dict(model=name, system=system, error=repr(e)[:500]))
         compiled = None
+        set_pdl(None)
         gc.collect()
         torch.cuda.empty_cache()
     flops = 2 * sum(p.numel() for n, p in model.named_parameters() if "embed" not in n) * args.prefill
@@ -245,14 +259,14 @@ def save(args, ceil, rows, prefills):
 
 
 def table(rows, prefills) -> str:
-    head = (f"{'model':<10} {'system':<12} {'batch':>5} {'ms/tok':>8} {'tok/s':>9} {'floor ms':>8} {'%floor':>7} "
+    head = (f"{'model':<10} {'system':<22} {'batch':>5} {'ms/tok':>8} {'tok/s':>9} {'floor ms':>8} {'%floor':>7} "
             f"{'compile s':>9} {'peak GB':>8}")
     lines = [head, "-" * len(head)]
     for r in sorted((r for r in rows if "error" not in r), key=lambda r: (r["model"], r["batch"], r["system"])):
-        lines.append(f"{r['model']:<10} {r['system']:<12} {r['batch']:>5} {r['ms_per_token']:>8.3f} "
+        lines.append(f"{r['model']:<10} {r['system']:<22} {r['batch']:>5} {r['ms_per_token']:>8.3f} "
                      f"{r['tokens_per_s']:>9.1f} {r['floor_ms']:>8.3f} {r['pct_of_floor']:>6.1f}% "
                      f"{r['compile_s'] if r['compile_s'] is not None else '-':>9} {r['peak_GB'] or '-':>8}")
-    lines += [f"{r['model']:<10} {r['system']:<12} ERROR {r['error'][:150]}" for r in rows if "error" in r]
+    lines += [f"{r['model']:<10} {r['system']:<22} ERROR {r['error'][:150]}" for r in rows if "error" in r]
     lines += ["", f"{'prefill':<10} {'tokens':>6} {'hf-eager ms':>11} {'fxopt ms':>9} {'matmul floor ms':>15}"]
     for p in prefills:
         lines.append(f"{p['model']:<10} {p['tokens']:>6} {p['hf_eager_ms']:>11} {p['fxopt_ms']:>9} {p['matmul_floor_ms']:>15}")
@@ -271,6 +285,8 @@ def main():
                         help="batch sizes for the torch.compile anchor (default: --batches)")
     parser.add_argument("--variants", nargs="+", default=["fxopt", "fxopt-int8"], choices=sorted(VARIANTS),
                         help="fxopt pipelines to run (fxopt: the default pipeline)")
+    parser.add_argument("--pdl", nargs="+", default=None, choices=["off", "on"],
+                        help="run each fxopt variant once per programmatic-dependent-launch mode")
     parser.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "decode.json"))
     args = parser.parse_args()
     if not torch.cuda.is_available():

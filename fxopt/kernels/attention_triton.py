@@ -58,7 +58,10 @@ from .attention import _check, cached_attention, cached_attention_reference, pro
 from .rotary import rotary_reference
 from .rotary_triton import rotary_triton, supported as rotary_supported
 
-from .triton_env import INTERPRET, jit as _jit, tl, triton
+from .triton_env import INTERPRET, jit as _jit, pdl_code, tl, triton
+
+if triton is not None:
+    from .triton_env import pdl_trigger, pdl_wait
 
 LOG2E = 1.4426950408889634
 NO_WINDOW = 1 << 30  # window 0 means "no window": a window wider than any cache
@@ -132,10 +135,12 @@ def _decode_kernel(
     sp_b, so_b, so_h, so_d, scos_b, scos_d, ssin_b, ssin_d,
     GROUP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, NUM_SPLITS: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, ROTARY: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, ROTARY: tl.constexpr, PDL: tl.constexpr,
 ):
     """One (row b, kv head h, split): all GROUP query heads of h over this split's share of the cache.
-    With ROTARY, q and the new k are rotated here, from COS/SIN [B, 1, D] (see ``_rotate``)."""
+    With ROTARY, q and the new k are rotated here, from COS/SIN [B, 1, D] (see ``_rotate``).
+    PDL (triton_env): waits for the kernel before it (which wrote q, k, v) before reading anything."""
+    pdl_wait(PDL)
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     split = tl.program_id(2)
@@ -194,6 +199,7 @@ def _decode_kernel(
                     mask=mask_n[:, None] & mask_dv[None, :], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
+    pdl_trigger(PDL)
 
     if split == NUM_SPLITS - 1:
         # The new token: write it to the cache (rounded to the cache dtype, as the reference reads it
@@ -235,8 +241,11 @@ def _combine_kernel(
     PART_ACC, PART_M, PART_L, OUT,
     heads_q, so_b, so_h, so_d,
     DV: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_SPLITS: tl.constexpr, BLOCK_DV: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Merge the splits of one (row, query head): out = Σ 2^(m_s - m) acc_s / Σ 2^(m_s - m) l_s."""
+    pdl_wait(PDL)
+    pdl_trigger(PDL)  # a few loads and one store: no tail worth waiting for
     b = tl.program_id(0).to(tl.int64)
     hq = tl.program_id(1)
     offs_s = tl.arange(0, BLOCK_SPLITS)
@@ -365,6 +374,7 @@ def _decode(q, k, v, k_cache, v_cache, positions, out, scale, window, num_splits
         cos, sin = cos.expand(batch, 1, dim)[:, 0], sin.expand(batch, 1, dim)[:, 0]
     else:
         cos = sin = out  # never read
+    pdl = pdl_code(q.device)
     _decode_kernel[(batch, heads_kv, num_splits)](
         q, k, v, k_cache, v_cache, positions, out, part_acc, part_m, part_l, cos, sin,
         scale * LOG2E, window if window > 0 else NO_WINDOW, max_seq,
@@ -375,8 +385,8 @@ def _decode(q, k, v, k_cache, v_cache, positions, out, scale, window, num_splits
         cos.stride(0), cos.stride(-1), sin.stride(0), sin.stride(-1),
         GROUP=group, D=dim, DV=dim_v, NUM_SPLITS=num_splits,
         BLOCK_G=block_g, BLOCK_N=DECODE_BLOCK_N, BLOCK_D=block_d, BLOCK_DV=block_dv,
-        DOT_PRECISION=_dot_precision(k_cache.dtype), ROTARY=rotary,
-        num_warps=DECODE_NUM_WARPS, num_stages=DECODE_NUM_STAGES,
+        DOT_PRECISION=_dot_precision(k_cache.dtype), ROTARY=rotary, PDL=pdl,
+        num_warps=DECODE_NUM_WARPS, num_stages=DECODE_NUM_STAGES, launch_pdl=pdl > 0,
         # No FMA contraction with rotary: it would skip the roundings _rotate repeats from the
         # reference (as in rotary_triton).
         enable_fp_fusion=not rotary,
@@ -384,8 +394,8 @@ def _decode(q, k, v, k_cache, v_cache, positions, out, scale, window, num_splits
     if num_splits > 1:
         _combine_kernel[(batch, heads_q)](
             part_acc, part_m, part_l, out, heads_q, out.stride(0), out.stride(1), out.stride(3),
-            DV=dim_v, NUM_SPLITS=num_splits, BLOCK_SPLITS=_pow2(num_splits), BLOCK_DV=block_dv,
-            num_warps=1 if block_dv <= 64 else 2,
+            DV=dim_v, NUM_SPLITS=num_splits, BLOCK_SPLITS=_pow2(num_splits), BLOCK_DV=block_dv, PDL=pdl,
+            num_warps=1 if block_dv <= 64 else 2, launch_pdl=pdl > 0,
         )
 
 

@@ -42,7 +42,7 @@ from torch import Tensor
 
 from .linear import apply_prologue, check_prologue, gated_kind, linear, linear_reference
 
-from .triton_env import jit as _jit, tl, triton
+from .triton_env import jit as _jit, pdl_code, tl, triton
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -58,6 +58,7 @@ DECODE_TILES = dict(block_n=8, block_k=512, num_warps=4, num_stages=3)
 
 if triton is not None:
     from .activation_triton import _activation
+    from .triton_env import pdl_trigger, pdl_wait
 
 
 @_jit
@@ -90,16 +91,20 @@ def _decode_kernel(
     X, W, BIAS, RES, G, Y, N, K, stride_wn, eps,
     PROLOGUE: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Y[n-block] = epilogue(prologue(X) . W[n-block]^T) for one row X, over all of K.
 
-    PROLOGUE: 0 none, 1 rms_norm (G its weight), 2 gated activation ACT over X = [gate | up]."""
+    PROLOGUE: 0 none, 1 rms_norm (G its weight), 2 gated activation ACT over X = [gate | up].
+    PDL (triton_env): waits for the kernel before (which wrote X, RES) before reading anything."""
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     w_rows = W + offs_n.to(tl.int64)[:, None] * stride_wn  # int64: a 256k-vocab head passes 2**31
     offs_kb = tl.arange(0, BLOCK_K)
     DT: tl.constexpr = W.dtype.element_ty
+
+    pdl_wait(PDL)
 
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)  # summed across lanes once, at the end
     sum_sq = tl.zeros([BLOCK_K], dtype=tl.float32)
@@ -108,6 +113,7 @@ def _decode_kernel(
         x, squares = _input_block(X, G, offs_k, K, PROLOGUE, ACT, DT)
         acc += _weight_block(w_rows, mask_n, offs_k, K) * x[None, :]
         sum_sq += squares
+    pdl_trigger(PDL)
     y = tl.sum(acc, axis=1)
     if PROLOGUE == 1:
         y = y / tl.sqrt(tl.sum(sum_sq, axis=0) / K + eps)
@@ -140,13 +146,14 @@ def linear_decode(x2: Tensor, weight: Tensor, bias: Tensor | None, residual2: Te
     tiles = {**DECODE_TILES, **(tiles or {})}
     y = torch.empty((1, n), dtype=x2.dtype, device=x2.device)
     kind = gated_kind(prologue)
+    pdl = pdl_code(x2.device)
     _decode_kernel[(triton.cdiv(n, tiles["block_n"]),)](
         x2, weight, bias if bias is not None else y, residual2 if residual2 is not None else y,
         norm_weight if norm_weight is not None else y, y, n, k, weight.stride(0), float(eps),
         PROLOGUE=2 if kind else _PROLOGUE_CODES[prologue], ACT=kind or "silu",
         HAS_BIAS=bias is not None, HAS_RES=residual2 is not None,
         BLOCK_N=tiles["block_n"], BLOCK_K=tiles["block_k"], NUM_STAGES=tiles["num_stages"],
-        num_warps=tiles["num_warps"],
+        PDL=pdl, num_warps=tiles["num_warps"], launch_pdl=pdl > 0,
     )
     return y
 

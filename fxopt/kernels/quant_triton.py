@@ -104,7 +104,10 @@ from .linear import check_prologue, gated_kind
 from .linear_triton import _input_block
 from .quant import n_groups, quant_linear, quant_linear_reference
 
-from .triton_env import INTERPRET, jit as _jit, tl, triton
+from .triton_env import INTERPRET, jit as _jit, pdl_code, tl, triton
+
+if triton is not None:
+    from .triton_env import pdl_trigger, pdl_wait
 
 
 def _jit_kernel(*generic: str):
@@ -453,13 +456,15 @@ def _decode_kernel(
     FUSED_REDUCE: tl.constexpr, SUB: tl.constexpr, MAGIC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
     NUM_STAGES: tl.constexpr, PROLOGUE: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr,
+    PDL: tl.constexpr = 0,
 ):
     """All M (<= BLOCK_M) rows of x times BLOCK_N weight rows, over one split of K.
 
     ``k_per_split`` is a multiple of BLOCK_K, so no block straddles two splits and K is the only
     ragged edge. Without SPLIT the kernel writes Y (with the bias); with it, fp32 partials.
     M = 1 without SPLIT may fold a prologue (PROLOGUE 1: rms_norm with weight G, 2: gated
-    activation ACT over X = [gate | up]) and a residual RES, as ``linear_triton`` does."""
+    activation ACT over X = [gate | up]) and a residual RES, as ``linear_triton`` does.
+    PDL (triton_env): waits for the kernel before (which wrote X, RES) before reading anything."""
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -468,6 +473,8 @@ def _decode_kernel(
     offs_m = tl.arange(0, BLOCK_M)
     k_start = split * k_per_split
     k_stop = tl.minimum(k_start + k_per_split, K)
+
+    pdl_wait(PDL)
 
     if BLOCK_M == 1:
         # GEMV on the FMA units: fp32 run sums, one cross-lane reduction at the very end.
@@ -478,6 +485,7 @@ def _decode_kernel(
             sum_sq += squares
             acc_runs += _gemv_block(x, QW, SC, rows, mask_n, k0, K, row_bytes, stride_qn, stride_sn,
                                     GROUP_SIZE, BITS, BLOCK_N, BLOCK_K, SUB, MAGIC)
+        pdl_trigger(PDL)
         acc = tl.sum(acc_runs, axis=1)[None, :]
         if PROLOGUE == 1:
             acc = acc / tl.sqrt(tl.sum(sum_sq, axis=0) / K + eps)
@@ -492,6 +500,7 @@ def _decode_kernel(
                         eviction_policy="evict_last")
             acc = _dot_block(acc, x, QW, SC, rows, mask_n, k0, K, row_bytes, stride_qn, stride_sn,
                              GROUP_SIZE, BITS, BLOCK_M, BLOCK_N, BLOCK_K, SUB, DOT_PRECISION)
+        pdl_trigger(PDL)
 
     if SPLIT:
         _store_split(Y, BIAS, PART, CNT, acc, offs_m, offs_n, M, N, stride_ym, pid_n, split, n_splits,
@@ -503,10 +512,12 @@ def _decode_kernel(
 @_jit_kernel("M", "n_splits")
 def _split_k_reduce_kernel(
     PART, BIAS, Y, M, N, stride_ym, n_splits,
-    HAS_BIAS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr = 0,
 ):
     """Y[m, n-block] = sum over the n_splits (<= BLOCK_S) splits of PART[:, m, n-block] (+ bias), in
     a fixed order."""
+    pdl_wait(PDL)
+    pdl_trigger(PDL)
     m = tl.program_id(0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_s = tl.arange(0, BLOCK_S)
@@ -712,6 +723,7 @@ def _decode(x2, qweight, scales, bias, y2, group_size, bits, in_features, split_
     n_blocks = triton.cdiv(n, plan["block_n"])
     counters = _split_counters(y2.device, n_blocks) if split_k > 1 and plan["fused_reduce"] else None
     partials = _alloc_partials((split_k, m, n), y2.device) if split_k > 1 else y2  # y2: never touched
+    pdl = pdl_code(y2.device)
     # Pointers a constexpr flag keeps from being read get some tensor (x).
     _decode_kernel[(n_blocks, split_k)](
         x2, qweight, scales, bias if bias is not None else x2, y2, partials, counters if counters is not None else x2,
@@ -724,13 +736,14 @@ def _decode(x2, qweight, scales, bias, y2, group_size, bits, in_features, split_
         FUSED_REDUCE=counters is not None, SUB=plan["sub"], MAGIC=plan["magic"],
         BLOCK_M=plan["block_m"], BLOCK_N=plan["block_n"], BLOCK_K=plan["block_k"],
         DOT_PRECISION=_dot_precision(x2.dtype), NUM_STAGES=plan["num_stages"],
-        num_warps=plan["num_warps"], num_stages=plan["num_stages"],
+        PDL=pdl,
+        num_warps=plan["num_warps"], num_stages=plan["num_stages"], launch_pdl=pdl > 0,
     )
     if split_k > 1 and counters is None:
         _split_k_reduce_kernel[(m, triton.cdiv(n, REDUCE_BLOCK_N))](
             partials, bias if bias is not None else x2, y2, m, n, y2.stride(0), split_k,
-            HAS_BIAS=bias is not None, BLOCK_S=_pow2(split_k), BLOCK_N=REDUCE_BLOCK_N,
-            num_warps=4,
+            HAS_BIAS=bias is not None, BLOCK_S=_pow2(split_k), BLOCK_N=REDUCE_BLOCK_N, PDL=pdl,
+            num_warps=4, launch_pdl=pdl > 0,
         )
 
 
