@@ -11,11 +11,16 @@ Llama-architecture models with random bf16 weights shaped like the anchors in AN
                   gpt-fast's Inductor flags (coordinate-descent tuning);
 - ``fxopt``       ``fxopt.compile(model)``: the default pipeline, CUDA graphs on;
 - other fxopt pipelines with ``--variants``: ``fxopt-nofuse`` and ``fxopt-nofold`` (without
-  ``fuse`` / ``fold_linear``), ``fxopt-norotary`` (the rotary not folded into the attention), ``fxopt-int8`` (``quantize`` then ``fold_linear``; INT8 linears stay
-  unfolded unless ``fold_quant_linear=True``), ``fxopt-int8-nofold``.
+  ``fuse`` / ``fold_linear``), ``fxopt-norotary`` (the rotary not folded into the attention),
+  ``fxopt-noprefetch`` (no ``prefetch``: the attention does not warm the L2 with the output
+  projection's weight), ``fxopt-prefetch-linears`` (every GEMV also prefetches the start of the
+  next one's weight), ``fxopt-int8`` (``quantize`` then ``fold_linear``; INT8 linears stay
+  unfolded unless ``fold_quant_linear=True``), ``fxopt-int8-nofold``, ``fxopt-int8-noprefetch``
+  (unfolded, without ``prefetch``).
 
 ``--pdl off on`` runs every fxopt variant once per programmatic-dependent-launch mode
 (``fxopt/kernels/triton_env.py``), as rows named ``fxopt/off``; without it, fxopt's default (on).
+``--prefetch-l2 0.25 0.5`` likewise once per share of the L2 a prefetch may fill (rows ``fxopt@0.25``).
 
 Columns: ms per decoded token, tokens/s (batch × 1000 / ms), percent of the bandwidth floor
 (weight + KV bytes read per step ÷ device-to-device copy bandwidth measured in the same run),
@@ -40,14 +45,18 @@ CONFIGS = {
                       num_key_value_heads=32, vocab_size=32000, tie_word_embeddings=False),
 }
 DEV = "cuda"
+DEFAULT_PREFETCH_L2 = None  # fxopt's PREFETCH_L2_FRACTION, read at start
 # fxopt pipelines the benchmark can run: (passes, options); passes None: fxopt's default pipeline
 VARIANTS = {
     "fxopt": (None, {}),
     "fxopt-nofuse": (["canonicalize", "kv_cache", "dce", "cuda_graph"], {}),
     "fxopt-nofold": (["canonicalize", "kv_cache", "fuse", "dce", "cuda_graph"], {}),
     "fxopt-norotary": (None, dict(fuse_skip=["rotary_into_attention"])),
-    "fxopt-int8": (["canonicalize", "kv_cache", "fuse", "quantize", "fold_linear", "dce", "cuda_graph"], {}),
-    "fxopt-int8-nofold": (["canonicalize", "kv_cache", "fuse", "quantize", "dce", "cuda_graph"], {}),
+    "fxopt-noprefetch": (None, dict(disable=["prefetch"])),
+    "fxopt-prefetch-linears": (None, dict(prefetch_linears=True)),
+    "fxopt-int8": (["canonicalize", "kv_cache", "fuse", "quantize", "fold_linear", "prefetch", "dce", "cuda_graph"], {}),
+    "fxopt-int8-nofold": (["canonicalize", "kv_cache", "fuse", "quantize", "prefetch", "dce", "cuda_graph"], {}),
+    "fxopt-int8-noprefetch": (["canonicalize", "kv_cache", "fuse", "quantize", "dce", "cuda_graph"], {}),
 }
 
 
@@ -155,6 +164,13 @@ def fxopt_prefill(model, ids) -> float:
     return min(times[1:])
 
 
+def set_prefetch_l2(fraction: float | None) -> None:
+    """Set the share of the L2 one prefetch may fill (None: fxopt's default). Read at launch, so it
+    holds for everything captured under it."""
+    from fxopt.kernels import triton_env
+    triton_env.PREFETCH_L2_FRACTION = DEFAULT_PREFETCH_L2 if fraction is None else fraction
+
+
 def set_pdl(mode: str | None) -> None:
     """Set triton_env's PDL mode (None: its default). Kernels read it at launch, so a mode holds
     for everything compiled and captured under it."""
@@ -194,21 +210,26 @@ def run_model(name, args, ceil, rows, prefills):
         save(args, ceil, rows, prefills)
 
     # prefill 2048 tokens, batch 1
-    ids = torch.randint(0, cfg.vocab_size, (1, args.prefill), device=DEV)
-    with torch.inference_mode():
-        hf_prefill = ev_time(lambda: model(input_ids=ids, use_cache=False, logits_to_keep=1), iters=5) * 1e3
+    ids = torch.randint(0, cfg.vocab_size, (1, max(args.prefill, 1)), device=DEV)
+    if args.prefill:
+        with torch.inference_mode():
+            hf_prefill = ev_time(lambda: model(input_ids=ids, use_cache=False, logits_to_keep=1), iters=5) * 1e3
 
     for batch in args.batches:
         torch.cuda.reset_peak_memory_stats()
         add("hf-eager", batch, hf_decode(model, model.forward, batch, args.prompt, args.new), peak=peak_gb())
 
     import fxopt
-    for system, pdl in [(v, p) for v in args.variants for p in (args.pdl or [None])]:
+    runs = [(v, p, f) for v in args.variants for p in (args.pdl or [None]) for f in (args.prefetch_l2 or [None])]
+    for system, pdl, fraction in runs:
         passes, options = VARIANTS[system]
         if pdl is not None:
             system = f"{system}/{pdl}"
+        if fraction is not None:
+            system = f"{system}@{fraction:g}"
         try:
             set_pdl(pdl)
+            set_prefetch_l2(fraction)
             torch.cuda.reset_peak_memory_stats()
             t0 = time.perf_counter()
             compiled = fxopt.compile(model, passes=passes, max_batch_size=max_batch, max_seq_len=seq, **options)
@@ -224,14 +245,16 @@ def run_model(name, args, ceil, rows, prefills):
             rows.append(dict(model=name, system=system, error=repr(e)[:500]))
         compiled = None
         set_pdl(None)
+        set_prefetch_l2(None)
         gc.collect()
         torch.cuda.empty_cache()
     flops = 2 * sum(p.numel() for n, p in model.named_parameters() if "embed" not in n) * args.prefill
-    prefills.append(dict(model=name, tokens=args.prefill, hf_eager_ms=round(hf_prefill, 2),
-                         fxopt_ms=round(_or_nan(fxopt_prefill, model, ids.cpu()), 2),
-                         matmul_floor_ms=round(flops / (ceil["bf16_gemm_TFLOPs"] * 1e12) * 1e3, 2)))
-    print(prefills[-1], flush=True)
-    save(args, ceil, rows, prefills)
+    if args.prefill:
+        prefills.append(dict(model=name, tokens=args.prefill, hf_eager_ms=round(hf_prefill, 2),
+                             fxopt_ms=round(_or_nan(fxopt_prefill, model, ids.cpu()), 2),
+                             matmul_floor_ms=round(flops / (ceil["bf16_gemm_TFLOPs"] * 1e12) * 1e3, 2)))
+        print(prefills[-1], flush=True)
+        save(args, ceil, rows, prefills)
 
     if not args.no_compile:
         import torch._inductor.config as ic
@@ -279,7 +302,7 @@ def main():
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32])
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--new", type=int, default=128)
-    parser.add_argument("--prefill", type=int, default=2048, help="prefill benchmark length (batch 1)")
+    parser.add_argument("--prefill", type=int, default=2048, help="prefill benchmark length (batch 1); 0 skips it")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile anchor (slow to compile)")
     parser.add_argument("--compile-batches", nargs="+", type=int, default=None,
                         help="batch sizes for the torch.compile anchor (default: --batches)")
@@ -287,10 +310,15 @@ def main():
                         help="fxopt pipelines to run (fxopt: the default pipeline)")
     parser.add_argument("--pdl", nargs="+", default=None, choices=["off", "on"],
                         help="run each fxopt variant once per programmatic-dependent-launch mode")
+    parser.add_argument("--prefetch-l2", nargs="+", type=float, default=None,
+                        help="run each fxopt variant once per share of the L2 a prefetch may fill")
     parser.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "decode.json"))
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/decode.py needs a CUDA GPU")
+    global DEFAULT_PREFETCH_L2
+    from fxopt.kernels import triton_env
+    DEFAULT_PREFETCH_L2 = triton_env.PREFETCH_L2_FRACTION
     ceil = ceilings()
     print(torch.cuda.get_device_name(), torch.__version__, ceil, flush=True)
     rows, prefills = [], []

@@ -9,7 +9,10 @@
   ``j > p - window`` when ``window > 0``, for sliding-window models);
 - optional ``cos``, ``sin`` [B, S, D] (the dtype of q and k): the rotary embedding, applied to q
   and k first (``rotary.py``), so that it costs no kernel of its own at decode. ``fuse`` folds an
-  ``fxopt.rotary`` whose only reader is the attention into it.
+  ``fxopt.rotary`` whose only reader is the attention into it;
+- optional ``prefetch``: a weight the attention's kernel warms the L2 with while it runs (the
+  ``prefetch`` pass hands it the output projection's, see ``passes/prefetch.py``). A hint that
+  changes no value: the reference ignores it.
 
 Prefill (S = prompt length) and decode (S = 1) are the same op. A batch of prompts of different
 lengths is right-padded: a pad token writes a slot past its row's prompt, which the row's real
@@ -34,9 +37,10 @@ from .rotary import rotary_reference
 
 def cached_attention_reference(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
                                positions: Tensor, scale: float, window: int = 0,
-                               cos: Tensor | None = None, sin: Tensor | None = None) -> Tensor:
+                               cos: Tensor | None = None, sin: Tensor | None = None,
+                               prefetch: Tensor | None = None) -> Tensor:
     """Write k/v into the caches at ``positions``, then attend causally over the cache. With
-    ``cos``/``sin``, q and k are rotated first (``rotary_reference``)."""
+    ``cos``/``sin``, q and k are rotated first (``rotary_reference``). ``prefetch`` is ignored."""
     if cos is not None:
         q, k = rotary_reference(q, k, cos, sin)
     batch, heads_q, seq, _ = q.shape
@@ -78,19 +82,21 @@ def _check(q, k, v, k_cache, v_cache, positions) -> None:
 @torch.library.custom_op("fxopt::cached_attention", mutates_args=("k_cache", "v_cache"))
 def cached_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
                      positions: Tensor, scale: float, window: int = 0,
-                     cos: Tensor | None = None, sin: Tensor | None = None) -> Tensor:
+                     cos: Tensor | None = None, sin: Tensor | None = None,
+                     prefetch: Tensor | None = None) -> Tensor:
     return cached_attention_reference(q, k, v, k_cache, v_cache, positions, scale, window, cos, sin)
 
 
 @torch.library.custom_op("fxopt::prompt_attention", mutates_args=("k_cache", "v_cache"))
 def prompt_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
                      positions: Tensor, scale: float, window: int = 0,
-                     cos: Tensor | None = None, sin: Tensor | None = None) -> Tensor:
+                     cos: Tensor | None = None, sin: Tensor | None = None,
+                     prefetch: Tensor | None = None) -> Tensor:
     """``cached_attention`` for prompts at slots 0..S-1 of every row (``positions[b, s] == s``)."""
     return cached_attention_reference(q, k, v, k_cache, v_cache, positions, scale, window, cos, sin)
 
 
 @cached_attention.register_fake
 @prompt_attention.register_fake
-def _(q, k, v, k_cache, v_cache, positions, scale, window=0, cos=None, sin=None):
+def _(q, k, v, k_cache, v_cache, positions, scale, window=0, cos=None, sin=None, prefetch=None):
     return q.new_empty((*q.shape[:-1], v.shape[-1]))

@@ -58,10 +58,10 @@ from .attention import _check, cached_attention, cached_attention_reference, pro
 from .rotary import rotary_reference
 from .rotary_triton import rotary_triton, supported as rotary_supported
 
-from .triton_env import INTERPRET, jit as _jit, pdl_code, tl, triton
+from .triton_env import INTERPRET, PREFETCH_CHUNKS, jit as _jit, pdl_code, prefetch_plan, tl, triton
 
 if triton is not None:
-    from .triton_env import pdl_trigger, pdl_wait
+    from .triton_env import l2_prefetch, pdl_trigger, pdl_wait
 
 LOG2E = 1.4426950408889634
 NO_WINDOW = 1 << 30  # window 0 means "no window": a window wider than any cache
@@ -128,18 +128,24 @@ def _rotate(x, x_pair, cos, sin, first, DT: tl.constexpr):
 
 @_jit
 def _decode_kernel(
-    Q, K, V, KC, VC, POS, OUT, PART_ACC, PART_M, PART_L, COS, SIN,
-    scale_log2, window, max_seq,
+    Q, K, V, KC, VC, POS, OUT, PART_ACC, PART_M, PART_L, COS, SIN, PF,
+    scale_log2, window, max_seq, pf_total, pf_chunk,
     sq_b, sq_h, sq_d, sk_b, sk_h, sk_d, sv_b, sv_h, sv_d,
     skc_b, skc_h, skc_s, skc_d, svc_b, svc_h, svc_s, svc_d,
     sp_b, so_b, so_h, so_d, scos_b, scos_d, ssin_b, ssin_d,
     GROUP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, NUM_SPLITS: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, ROTARY: tl.constexpr, PDL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, ROTARY: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr,
+    PF_CHUNKS: tl.constexpr = 1,
 ):
     """One (row b, kv head h, split): all GROUP query heads of h over this split's share of the cache.
     With ROTARY, q and the new k are rotated here, from COS/SIN [B, 1, D] (see ``_rotate``).
-    PDL (triton_env): waits for the kernel before it (which wrote q, k, v) before reading anything."""
+    PDL (triton_env): waits for the kernel before it (which wrote q, k, v) before reading anything.
+    PREFETCH (triton_env.l2_prefetch): first, this program's share of ``pf_total`` bytes at PF goes
+    to L2 -- a constant weight, so before the wait."""
+    if PREFETCH:
+        program = (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(2) + tl.program_id(2)
+        l2_prefetch(PF, program, pf_total, pf_chunk, PF_CHUNKS)
     pdl_wait(PDL)
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
@@ -354,7 +360,8 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # "tf32" is ignored for fp16/bf16 operands
 
 
-def _decode(q, k, v, k_cache, v_cache, positions, out, scale, window, num_splits=None, cos=None, sin=None):
+def _decode(q, k, v, k_cache, v_cache, positions, out, scale, window, num_splits=None, cos=None, sin=None,
+            prefetch=None):
     batch, heads_q, _, dim = q.shape
     heads_kv, dim_v = k.shape[1], v.shape[-1]
     group = heads_q // heads_kv
@@ -375,9 +382,11 @@ def _decode(q, k, v, k_cache, v_cache, positions, out, scale, window, num_splits
     else:
         cos = sin = out  # never read
     pdl = pdl_code(q.device)
+    pf_total, pf_chunk = prefetch_plan(prefetch, batch * heads_kv * num_splits)
     _decode_kernel[(batch, heads_kv, num_splits)](
         q, k, v, k_cache, v_cache, positions, out, part_acc, part_m, part_l, cos, sin,
-        scale * LOG2E, window if window > 0 else NO_WINDOW, max_seq,
+        prefetch if pf_total else out,
+        scale * LOG2E, window if window > 0 else NO_WINDOW, max_seq, pf_total, pf_chunk,
         q.stride(0), q.stride(1), q.stride(3), k.stride(0), k.stride(1), k.stride(3),
         v.stride(0), v.stride(1), v.stride(3),
         *k_cache.stride(), *v_cache.stride(),
@@ -385,7 +394,8 @@ def _decode(q, k, v, k_cache, v_cache, positions, out, scale, window, num_splits
         cos.stride(0), cos.stride(-1), sin.stride(0), sin.stride(-1),
         GROUP=group, D=dim, DV=dim_v, NUM_SPLITS=num_splits,
         BLOCK_G=block_g, BLOCK_N=DECODE_BLOCK_N, BLOCK_D=block_d, BLOCK_DV=block_dv,
-        DOT_PRECISION=_dot_precision(k_cache.dtype), ROTARY=rotary, PDL=pdl,
+        DOT_PRECISION=_dot_precision(k_cache.dtype), ROTARY=rotary, PDL=pdl, PREFETCH=pf_total > 0,
+        PF_CHUNKS=PREFETCH_CHUNKS,
         num_warps=DECODE_NUM_WARPS, num_stages=DECODE_NUM_STAGES, launch_pdl=pdl > 0,
         # No FMA contraction with rotary: it would skip the roundings _rotate repeats from the
         # reference (as in rotary_triton).
@@ -445,15 +455,16 @@ def _rotated(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Te
 
 def cached_attention_triton(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
                             positions: Tensor, scale: float, window: int = 0,
-                            cos: Tensor | None = None, sin: Tensor | None = None, *,
-                            num_splits: int | None = None) -> Tensor:
+                            cos: Tensor | None = None, sin: Tensor | None = None,
+                            prefetch: Tensor | None = None, *, num_splits: int | None = None) -> Tensor:
     """Same contract as ``cached_attention_reference``, on Triton kernels (CUDA tensors, or CPU
     tensors under ``TRITON_INTERPRET=1``). No host sync: safe to capture in a CUDA graph.
 
     With ``cos``/``sin``, decode rotates q and the new k inside its kernel; prompts (and
     arguments that kernel does not take) run the rotary kernel first.
     ``num_splits`` overrides the decode split count (tests; tuning); by default it follows
-    ``decode_num_splits``.
+    ``decode_num_splits``. Decode prefetches ``prefetch`` (a weight) into L2 on Hopper GPUs
+    (``triton_env.prefetch_plan``); prompts, compute-bound, ignore it.
     """
     if triton is None:
         raise RuntimeError("cached_attention_triton: triton is not installed")
@@ -469,7 +480,7 @@ def cached_attention_triton(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_
     if out.numel() == 0:
         return out
     if seq == 1:
-        _decode(q, k, v, k_cache, v_cache, positions, out, scale, window, num_splits, cos, sin)
+        _decode(q, k, v, k_cache, v_cache, positions, out, scale, window, num_splits, cos, sin, prefetch)
     else:
         write_cache(k, v, k_cache, v_cache, positions)  # same stream: done before _prefill reads
         _prefill(q, k_cache, v_cache, positions, out, scale, window)
@@ -484,12 +495,14 @@ PROMPT_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBa
 
 def prompt_attention_cuda(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
                           positions: Tensor, scale: float, window: int = 0,
-                          cos: Tensor | None = None, sin: Tensor | None = None) -> Tensor:
+                          cos: Tensor | None = None, sin: Tensor | None = None,
+                          prefetch: Tensor | None = None) -> Tensor:
     """``prompt_attention`` on CUDA: q and k rotated (with cos/sin), k/v scattered into the caches,
     then causal SDPA over q, k, v.
 
     Sliding windows, fp32, mixed dtypes, q/v head dims that differ and single tokens take
-    ``cached_attention_triton`` instead, which computes the same thing from the cache."""
+    ``cached_attention_triton`` instead, which computes the same thing from the cache. ``prefetch``
+    is ignored: a prompt is bound by its arithmetic, not by the weights' bytes."""
     _check(q, k, v, k_cache, v_cache, positions)
     if cos is not None:
         q, k = _rotated(q, k, cos, sin)
@@ -515,8 +528,8 @@ def register() -> bool:
     return True
 
 
-def _cuda_impl(q, k, v, k_cache, v_cache, positions, scale, window=0, cos=None, sin=None):
-    return cached_attention_triton(q, k, v, k_cache, v_cache, positions, scale, window, cos, sin)
+def _cuda_impl(q, k, v, k_cache, v_cache, positions, scale, window=0, cos=None, sin=None, prefetch=None):
+    return cached_attention_triton(q, k, v, k_cache, v_cache, positions, scale, window, cos, sin, prefetch)
 
 
 # --------------------------------------------------------------------------------------------- #

@@ -67,7 +67,10 @@ def linear_reference(x: Tensor, weight: Tensor, bias: Tensor | None = None, resi
 
 @torch.library.custom_op("fxopt::linear", mutates_args=())
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, residual: Tensor | None = None,
-           prologue: str = "none", norm_weight: Tensor | None = None, eps: float = 0.0) -> Tensor:
+           prologue: str = "none", norm_weight: Tensor | None = None, eps: float = 0.0,
+           prefetch: Tensor | None = None) -> Tensor:
+    """``prefetch``: a weight the decode kernel warms the L2 with once its own loop is done (the
+    ``prefetch`` pass, ``passes/prefetch.py``); a hint, ignored here."""
     return linear_reference(x, weight, bias, residual, prologue, norm_weight, eps)
 
 
@@ -82,5 +85,5 @@ def empty_output(x: Tensor, out_features: int, residual: Tensor | None, norm_wei
 
 
 @linear.register_fake
-def _(x, weight, bias=None, residual=None, prologue="none", norm_weight=None, eps=0.0):
+def _(x, weight, bias=None, residual=None, prologue="none", norm_weight=None, eps=0.0, prefetch=None):
     return empty_output(x, weight.shape[0], residual, norm_weight)

@@ -42,7 +42,7 @@ from torch import Tensor
 
 from .linear import apply_prologue, check_prologue, gated_kind, linear, linear_reference
 
-from .triton_env import jit as _jit, pdl_code, tl, triton
+from .triton_env import PREFETCH_CHUNKS, PREFETCH_TAIL_BYTES, jit as _jit, pdl_code, prefetch_plan, tl, triton
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -58,7 +58,7 @@ DECODE_TILES = dict(block_n=8, block_k=512, num_warps=4, num_stages=3)
 
 if triton is not None:
     from .activation_triton import _activation
-    from .triton_env import pdl_trigger, pdl_wait
+    from .triton_env import l2_prefetch, pdl_trigger, pdl_wait
 
 
 @_jit
@@ -88,15 +88,17 @@ def _weight_block(w_rows, mask_n, offs_k, K):
 
 @_jit
 def _decode_kernel(
-    X, W, BIAS, RES, G, Y, N, K, stride_wn, eps,
+    X, W, BIAS, RES, G, Y, PF, N, K, stride_wn, eps, pf_total, pf_chunk,
     PROLOGUE: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
-    PDL: tl.constexpr,
+    PDL: tl.constexpr, PREFETCH: tl.constexpr = False, PF_CHUNKS: tl.constexpr = 1,
 ):
     """Y[n-block] = epilogue(prologue(X) . W[n-block]^T) for one row X, over all of K.
 
     PROLOGUE: 0 none, 1 rms_norm (G its weight), 2 gated activation ACT over X = [gate | up].
-    PDL (triton_env): waits for the kernel before (which wrote X, RES) before reading anything."""
+    PDL (triton_env): waits for the kernel before (which wrote X, RES) before reading anything.
+    PREFETCH (triton_env.l2_prefetch): after its loop, the program prefetches its share of
+    ``pf_total`` bytes at PF (the next linear's weight) into L2, while the last programs finish."""
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
@@ -114,6 +116,8 @@ def _decode_kernel(
         acc += _weight_block(w_rows, mask_n, offs_k, K) * x[None, :]
         sum_sq += squares
     pdl_trigger(PDL)
+    if PREFETCH:
+        l2_prefetch(PF, pid, pf_total, pf_chunk, PF_CHUNKS)
     y = tl.sum(acc, axis=1)
     if PROLOGUE == 1:
         y = y / tl.sqrt(tl.sum(sum_sq, axis=0) / K + eps)
@@ -140,20 +144,26 @@ def _decode_ok(x2: Tensor, weight: Tensor, bias, residual2, norm_weight) -> bool
 
 
 def linear_decode(x2: Tensor, weight: Tensor, bias: Tensor | None, residual2: Tensor | None, prologue: str,
-                  norm_weight: Tensor | None, eps: float, tiles: dict | None = None) -> Tensor:
-    """The decode kernel on one row: x ``[1, K]`` (``[1, 2K]`` gated), residual ``[1, N]``; returns ``[1, N]``."""
+                  norm_weight: Tensor | None, eps: float, tiles: dict | None = None,
+                  prefetch: Tensor | None = None) -> Tensor:
+    """The decode kernel on one row: x ``[1, K]`` (``[1, 2K]`` gated), residual ``[1, N]``; returns ``[1, N]``.
+    ``prefetch``: the first PREFETCH_TAIL_BYTES of this weight go to L2 as the programs finish."""
     n, k = weight.shape
     tiles = {**DECODE_TILES, **(tiles or {})}
     y = torch.empty((1, n), dtype=x2.dtype, device=x2.device)
     kind = gated_kind(prologue)
     pdl = pdl_code(x2.device)
-    _decode_kernel[(triton.cdiv(n, tiles["block_n"]),)](
+    programs = triton.cdiv(n, tiles["block_n"])
+    pf_total, pf_chunk = prefetch_plan(prefetch, programs, limit=PREFETCH_TAIL_BYTES)
+    _decode_kernel[(programs,)](
         x2, weight, bias if bias is not None else y, residual2 if residual2 is not None else y,
-        norm_weight if norm_weight is not None else y, y, n, k, weight.stride(0), float(eps),
+        norm_weight if norm_weight is not None else y, y, prefetch if pf_total else y,
+        n, k, weight.stride(0), float(eps), pf_total, pf_chunk,
         PROLOGUE=2 if kind else _PROLOGUE_CODES[prologue], ACT=kind or "silu",
         HAS_BIAS=bias is not None, HAS_RES=residual2 is not None,
         BLOCK_N=tiles["block_n"], BLOCK_K=tiles["block_k"], NUM_STAGES=tiles["num_stages"],
-        PDL=pdl, num_warps=tiles["num_warps"], launch_pdl=pdl > 0,
+        PDL=pdl, PREFETCH=pf_total > 0, PF_CHUNKS=PREFETCH_CHUNKS,
+        num_warps=tiles["num_warps"], launch_pdl=pdl > 0,
     )
     return y
 
@@ -173,7 +183,8 @@ def linear_prompt(x: Tensor, weight: Tensor, bias: Tensor | None, residual: Tens
 
 
 def linear_triton(x: Tensor, weight: Tensor, bias: Tensor | None = None, residual: Tensor | None = None,
-                  prologue: str = "none", norm_weight: Tensor | None = None, eps: float = 0.0) -> Tensor:
+                  prologue: str = "none", norm_weight: Tensor | None = None, eps: float = 0.0,
+                  prefetch: Tensor | None = None) -> Tensor:
     check_prologue(prologue, norm_weight)
     n = weight.shape[0]
     lead = x.shape[:-1]
@@ -185,7 +196,7 @@ def linear_triton(x: Tensor, weight: Tensor, bias: Tensor | None = None, residua
             return linear_reference(x, weight, bias, residual, prologue, norm_weight, eps)  # broadcasting
         residual2 = residual.reshape(m, n)
     if m == 1 and _decode_ok(x2, weight, bias, residual2, norm_weight):
-        return linear_decode(x2, weight, bias, residual2, prologue, norm_weight, eps).view(*lead, n)
+        return linear_decode(x2, weight, bias, residual2, prologue, norm_weight, eps, prefetch=prefetch).view(*lead, n)
     return linear_prompt(x, weight, bias, residual, prologue, norm_weight, eps)
 
 

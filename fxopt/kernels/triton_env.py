@@ -82,3 +82,73 @@ if triton is not None:
         """Step 2, after the kernel's own wait: let the next kernel launch."""
         if PDL:
             gdc_launch_dependents()
+
+
+# --------------------------------------------------------------------------------------------- #
+# L2 prefetch: a latency-bound kernel warms the L2 with the weight the next kernel will stream.
+# --------------------------------------------------------------------------------------------- #
+#
+# At batch 1 the decode attention reads a few MB of KV cache in ~5 us: the memory is all but idle
+# while it runs, and the output projection after it then streams its whole weight from HBM. The
+# ``prefetch`` pass (passes/prefetch.py) hands the attention that weight; its programs issue bulk
+# L2 prefetches (``cp.async.bulk.prefetch.L2``, Hopper) for it before they wait for their inputs
+# (weights are constants, and a prefetch writes nothing, so it races with no kernel). The
+# projection then finds its first rows in L2. A hint only: results are the same bits either way.
+PREFETCH_MODES = ("off", "on")
+PREFETCH_MODE = os.environ.get("FXOPT_PREFETCH", "on")
+# At most this share of the L2 is prefetched a launch: the rest holds what the kernels in between
+# read (the KV cache, activations), and prefetched lines must survive until the projection reads them.
+PREFETCH_L2_FRACTION = 0.5
+# What a decode GEMV prefetches of the next linear's weight once its own loop is done (the
+# ``prefetch`` pass with ``prefetch_linears=True``): about what the memory moves while the last
+# programs finish.
+PREFETCH_TAIL_BYTES = 4 << 20
+# One bulk request per thread and program: a 4-warp program issues 128.
+PREFETCH_CHUNKS = 128
+
+
+def prefetch_plan(weight, programs: int, limit: int | None = None) -> tuple[int, int]:
+    """``(total, chunk)``: the bytes of ``weight`` that ``programs`` programs prefetch into L2 (at
+    most ``limit``, and PREFETCH_L2_FRACTION of the L2), each issuing PREFETCH_CHUNKS requests of
+    ``chunk`` bytes; ``(0, 0)`` when there is nothing to do (no weight, the mode is off, not a Hopper
+    or later GPU run natively, a misaligned weight)."""
+    if weight is None or programs < 1:
+        return 0, 0
+    if PREFETCH_MODE not in PREFETCH_MODES:
+        raise ValueError(f"FXOPT_PREFETCH={PREFETCH_MODE!r}: expected one of {', '.join(PREFETCH_MODES)}")
+    device = weight.device
+    if PREFETCH_MODE == "off" or INTERPRET or triton is None or device.type != "cuda" or weight.data_ptr() % 16:
+        return 0, 0
+    import torch
+
+    props = torch.cuda.get_device_properties(device)
+    if props.major < 9:
+        return 0, 0
+    nbytes = weight.numel() * weight.element_size()
+    return prefetch_split(nbytes if limit is None else min(nbytes, limit), props.L2_cache_size, programs)
+
+
+def prefetch_split(nbytes: int, l2_bytes: int, programs: int) -> tuple[int, int]:
+    """``(total, chunk)`` for a weight of ``nbytes``: at most PREFETCH_L2_FRACTION of the L2, a
+    multiple of 16 bytes (what the bulk prefetch takes), shared evenly by ``programs`` x
+    PREFETCH_CHUNKS requests of ``chunk`` bytes, a multiple of 16 as well."""
+    total = min(nbytes, int(l2_bytes * PREFETCH_L2_FRACTION))
+    total -= total % 16
+    if total <= 0:
+        return 0, 0
+    per_request = -(-total // (programs * PREFETCH_CHUNKS))
+    return total, -(-per_request // 16) * 16
+
+
+if triton is not None:
+    @triton.jit
+    def l2_prefetch(PTR, program, total, chunk, CHUNKS: tl.constexpr):
+        """Program ``program``'s share of bytes ``[0, total)`` at PTR, prefetched into L2: CHUNKS bulk
+        requests of ``chunk`` bytes (the last one shorter, a multiple of 16; none past ``total``)."""
+        offs = (program.to(tl.int64) * CHUNKS + tl.arange(0, CHUNKS)) * chunk
+        size = tl.minimum(tl.maximum(total - offs, 0), chunk).to(tl.int32)
+        size = size - size % 16
+        base = PTR.to(tl.pointer_type(tl.int8))
+        tl.inline_asm_elementwise(
+            "{ .reg .pred p; setp.gt.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.b32 $0, 0; }",
+            "=r,l,r", [base + offs, size], dtype=tl.int32, is_pure=False, pack=1)

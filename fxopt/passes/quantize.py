@@ -89,6 +89,7 @@ from ..verify import tolerance as verify_tolerance
 from .base import CompileContext, Pass, PassResult, register_pass
 from .canonicalize import getattr_path
 from .fold_linear import fold_linears, unfold_linears
+from .prefetch import retarget
 
 aten = torch.ops.aten
 QUANT_LINEAR = torch.ops.fxopt.quant_linear.default
@@ -491,6 +492,7 @@ class Quantize(Pass):
         row["node"] = new.name  # the quant_linear node in the final graph (and the dumps)
         node.replace_all_uses_with(new)
         graph.erase_node(node)
+        retarget(wnode, qnode)  # an attention that prefetched W into L2 now prefetches the qweight
         if not wnode.users:
             target = wnode.target
             graph.erase_node(wnode)
