@@ -12,11 +12,11 @@ Llama-architecture models with random bf16 weights shaped like the anchors in AN
 - ``fxopt``       ``fxopt.compile(model)``: the default pipeline, CUDA graphs on;
 - other fxopt pipelines with ``--variants``: ``fxopt-nofuse`` and ``fxopt-nofold`` (without
   ``fuse`` / ``fold_linear``), ``fxopt-norotary`` (the rotary not folded into the attention),
-  ``fxopt-noprefetch`` (no ``prefetch``: the attention does not warm the L2 with the output
-  projection's weight), ``fxopt-prefetch-linears`` (every GEMV also prefetches the start of the
-  next one's weight), ``fxopt-int8`` (``quantize`` then ``fold_linear``; INT8 linears stay
-  unfolded unless ``fold_quant_linear=True``), ``fxopt-int8-nofold``, ``fxopt-int8-noprefetch``
-  (unfolded, without ``prefetch``).
+  ``fxopt-prefetch`` (the default pipeline with ``prefetch``: the attention warms the L2 with the
+  output projection's weight), ``fxopt-prefetch-linears`` (every GEMV also prefetches the start of
+  the next one's weight), ``fxopt-int8`` (``quantize`` then ``fold_linear``; INT8 linears stay
+  unfolded unless ``fold_quant_linear=True``), ``fxopt-int8-nofold``, ``fxopt-int8-prefetch``
+  (unfolded, with ``prefetch``).
 
 ``--pdl off on`` runs every fxopt variant once per programmatic-dependent-launch mode
 (``fxopt/kernels/triton_env.py``), as rows named ``fxopt/off``; without it, fxopt's default (on).
@@ -47,16 +47,17 @@ CONFIGS = {
 DEV = "cuda"
 DEFAULT_PREFETCH_L2 = None  # fxopt's PREFETCH_L2_FRACTION, read at start
 # fxopt pipelines the benchmark can run: (passes, options); passes None: fxopt's default pipeline
+PREFETCH = ["canonicalize", "kv_cache", "fuse", "fold_linear", "prefetch", "dce", "cuda_graph"]
 VARIANTS = {
     "fxopt": (None, {}),
     "fxopt-nofuse": (["canonicalize", "kv_cache", "dce", "cuda_graph"], {}),
     "fxopt-nofold": (["canonicalize", "kv_cache", "fuse", "dce", "cuda_graph"], {}),
     "fxopt-norotary": (None, dict(fuse_skip=["rotary_into_attention"])),
-    "fxopt-noprefetch": (None, dict(disable=["prefetch"])),
-    "fxopt-prefetch-linears": (None, dict(prefetch_linears=True)),
-    "fxopt-int8": (["canonicalize", "kv_cache", "fuse", "quantize", "fold_linear", "prefetch", "dce", "cuda_graph"], {}),
-    "fxopt-int8-nofold": (["canonicalize", "kv_cache", "fuse", "quantize", "prefetch", "dce", "cuda_graph"], {}),
-    "fxopt-int8-noprefetch": (["canonicalize", "kv_cache", "fuse", "quantize", "dce", "cuda_graph"], {}),
+    "fxopt-prefetch": (PREFETCH, {}),
+    "fxopt-prefetch-linears": (PREFETCH, dict(prefetch_linears=True)),
+    "fxopt-int8": (["canonicalize", "kv_cache", "fuse", "quantize", "fold_linear", "dce", "cuda_graph"], {}),
+    "fxopt-int8-nofold": (["canonicalize", "kv_cache", "fuse", "quantize", "dce", "cuda_graph"], {}),
+    "fxopt-int8-prefetch": (["canonicalize", "kv_cache", "fuse", "quantize", "prefetch", "dce", "cuda_graph"], {}),
 }
 
 

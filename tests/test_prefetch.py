@@ -16,7 +16,11 @@ ATTENTION = torch.ops.fxopt.cached_attention.default
 O_PROJ = {"llama": "self_attn.o_proj", "mistral": "self_attn.o_proj", "gpt2": "attn.c_proj", "opt": "self_attn.out_proj"}
 
 
-def _compile(model, passes=None, **options):
+PIPELINE = ["canonicalize", "kv_cache", "fuse", "fold_linear", "prefetch", "dce", "cuda_graph"]
+WITHOUT = [p for p in PIPELINE if p != "prefetch"]
+
+
+def _compile(model, passes=PIPELINE, **options):
     return fxopt.compile(model, passes=passes, max_batch_size=2, max_seq_len=32, **options)
 
 
@@ -45,7 +49,7 @@ def test_each_attention_prefetches_the_weight_of_the_linear_it_feeds(family):
 def test_prefetch_changes_no_value(family):
     model = tiny(family)
     ids = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(3))
-    with_pass, without = _compile(model), _compile(model, disable=["prefetch"])
+    with_pass, without = _compile(model), _compile(model, WITHOUT)
     assert _prefetched(without) == [None, None]
     torch.testing.assert_close(main_output(with_pass(ids)), main_output(without(ids)), atol=0, rtol=0)
     assert torch.equal(with_pass.generate(ids, max_new_tokens=6), without.generate(ids, max_new_tokens=6))
@@ -84,7 +88,7 @@ def test_prefetch_linears_each_gemv_prefetches_the_next_weight():
     (record,) = [r for r in compiled.report() if r.name == "prefetch"]
     assert record.stats == {"prefetch": 2, "prefetch_linears": 6}
     ids = torch.randint(0, VOCAB, (1, 6), generator=torch.Generator().manual_seed(5))
-    plain = _compile(model, disable=["prefetch"])
+    plain = _compile(model, WITHOUT)
     assert torch.equal(compiled.generate(ids, max_new_tokens=5), plain.generate(ids, max_new_tokens=5))
 
 
@@ -185,7 +189,7 @@ def test_gpu_linear_prefetch_is_a_hint(prologue, residual):
 def test_gpu_prefetch_pipeline_generates_the_same_tokens():
     model = tiny("llama").to("cuda", torch.bfloat16)
     ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(1))
-    without = _compile(model, disable=["prefetch"])
+    without = _compile(model, WITHOUT)
     expected = without.generate(ids, max_new_tokens=12)
     for options in ({}, dict(prefetch_linears=True)):
         compiled = _compile(model, **options)

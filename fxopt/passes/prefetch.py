@@ -22,7 +22,9 @@ moves the prefetch to the ``qweight`` it makes.)
 With the option ``prefetch_linears=True`` every ``fxopt.linear`` also prefetches the first
 PREFETCH_TAIL_BYTES of the weight of the next linear in the graph, from the programs that have
 finished their loop while the last ones still run (unless an attention in between prefetches that
-weight already). Off by default: see docs/performance.md for what it measured.
+weight already).
+
+The pass is opt-in until a GPU run shows what it gains (docs/fusion.md).
 
 Stats: ``prefetch``, how many attentions prefetch a weight; ``prefetch_linears``, how many linears.
 """
