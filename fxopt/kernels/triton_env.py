@@ -7,6 +7,7 @@
 - ``INTERPRET`` is read once, at import: ``triton.jit`` makes interpreter functions (kernels that
   run on CPU tensors) if and only if ``TRITON_INTERPRET=1`` was set before.
 """
+import functools
 import os
 import types
 
@@ -119,13 +120,21 @@ def prefetch_plan(weight, programs: int, limit: int | None = None) -> tuple[int,
     device = weight.device
     if PREFETCH_MODE == "off" or INTERPRET or triton is None or device.type != "cuda" or weight.data_ptr() % 16:
         return 0, 0
-    import torch
-
-    props = torch.cuda.get_device_properties(device)
-    if props.major < 9:
+    l2_bytes = _hopper_l2_bytes(device.index)
+    if not l2_bytes:
         return 0, 0
     nbytes = weight.numel() * weight.element_size()
-    return prefetch_split(nbytes if limit is None else min(nbytes, limit), props.L2_cache_size, programs)
+    return prefetch_split(nbytes if limit is None else min(nbytes, limit), l2_bytes, programs)
+
+
+@functools.lru_cache(maxsize=None)
+def _hopper_l2_bytes(index) -> int:
+    """The L2 size of CUDA device ``index`` if it is a Hopper or later GPU (the bulk prefetch
+    instruction is sm_90), else 0."""
+    import torch
+
+    props = torch.cuda.get_device_properties(index if index is not None else torch.cuda.current_device())
+    return props.L2_cache_size if props.major >= 9 else 0
 
 
 def prefetch_split(nbytes: int, l2_bytes: int, programs: int) -> tuple[int, int]:
@@ -144,10 +153,10 @@ if triton is not None:
     @triton.jit
     def l2_prefetch(PTR, program, total, chunk, CHUNKS: tl.constexpr):
         """Program ``program``'s share of bytes ``[0, total)`` at PTR, prefetched into L2: CHUNKS bulk
-        requests of ``chunk`` bytes (the last one shorter, a multiple of 16; none past ``total``)."""
+        requests of ``chunk`` bytes (the last one shorter; none past ``total``). ``total`` and
+        ``chunk`` are multiples of 16, as the instruction wants (``prefetch_split``)."""
         offs = (program.to(tl.int64) * CHUNKS + tl.arange(0, CHUNKS)) * chunk
         size = tl.minimum(tl.maximum(total - offs, 0), chunk).to(tl.int32)
-        size = size - size % 16
         base = PTR.to(tl.pointer_type(tl.int8))
         tl.inline_asm_elementwise(
             "{ .reg .pred p; setp.gt.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.b32 $0, 0; }",
