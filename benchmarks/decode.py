@@ -38,6 +38,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from fxopt.kernels import triton_env
+
 CONFIGS = {
     "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                      num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
@@ -45,7 +47,7 @@ CONFIGS = {
                       num_key_value_heads=32, vocab_size=32000, tie_word_embeddings=False),
 }
 DEV = "cuda"
-DEFAULT_PREFETCH_L2 = None  # fxopt's PREFETCH_L2_FRACTION, read at start
+DEFAULT_PREFETCH_L2 = triton_env.PREFETCH_L2_FRACTION
 # fxopt pipelines the benchmark can run: (passes, options); passes None: fxopt's default pipeline
 PREFETCH = ["canonicalize", "kv_cache", "fuse", "fold_linear", "prefetch", "dce", "cuda_graph"]
 VARIANTS = {
@@ -168,7 +170,6 @@ def fxopt_prefill(model, ids) -> float:
 def set_prefetch_l2(fraction: float | None) -> None:
     """Set the share of the L2 one prefetch may fill (None: fxopt's default). Read at launch, so it
     holds for everything captured under it."""
-    from fxopt.kernels import triton_env
     triton_env.PREFETCH_L2_FRACTION = DEFAULT_PREFETCH_L2 if fraction is None else fraction
 
 
@@ -317,9 +318,6 @@ def main():
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/decode.py needs a CUDA GPU")
-    global DEFAULT_PREFETCH_L2
-    from fxopt.kernels import triton_env
-    DEFAULT_PREFETCH_L2 = triton_env.PREFETCH_L2_FRACTION
     ceil = ceilings()
     print(torch.cuda.get_device_name(), torch.__version__, ceil, flush=True)
     rows, prefills = [], []

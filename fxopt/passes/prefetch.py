@@ -57,8 +57,7 @@ def next_weight(node: fx.Node) -> fx.Node | None:
             for user in value.users:
                 fields = linear_fields(user)
                 if fields is not None and fields["x"] is value:
-                    weight = fields.get("qweight", fields.get("weight"))
-                    if isinstance(weight, fx.Node) and weight.op == "get_attr":
+                    if (weight := _constant_weight(fields)) is not None:
                         return weight
                 elif is_op(user, *VIEWS) and user.args[0] is value:
                     following.append(user)
@@ -73,10 +72,15 @@ def following_weight(node: fx.Node) -> fx.Node | None:
     while later.op != "root":
         fields = linear_fields(later)
         if fields is not None:
-            weight = fields.get("qweight", fields.get("weight"))
-            return weight if isinstance(weight, fx.Node) and weight.op == "get_attr" else None
+            return _constant_weight(fields)
         later = later.next
     return None
+
+
+def _constant_weight(fields: dict) -> fx.Node | None:
+    """The weight a linear (its ``linear_fields``) streams, if it is a ``get_attr``; else None."""
+    weight = fields.get("qweight", fields.get("weight"))
+    return weight if isinstance(weight, fx.Node) and weight.op == "get_attr" else None
 
 
 def set_prefetch(node: fx.Node, weight: fx.Node) -> None:
