@@ -16,11 +16,14 @@ Llama-architecture models with random bf16 weights shaped like the anchors in AN
   output projection's weight), ``fxopt-prefetch-linears`` (every GEMV also prefetches the start of
   the next one's weight), ``fxopt-int8`` (``quantize`` then ``fold_linear``; INT8 linears stay
   unfolded unless ``fold_quant_linear=True``), ``fxopt-int8-nofold``, ``fxopt-int8-prefetch``
-  (unfolded, with ``prefetch``).
+  (unfolded, with ``prefetch``), ``fxopt-int8-foldq`` (the INT8 linears folded too).
 
 ``--pdl off on`` runs every fxopt variant once per programmatic-dependent-launch mode
 (``fxopt/kernels/triton_env.py``), as rows named ``fxopt/off``; without it, fxopt's default (on).
 ``--prefetch-l2 0.25 0.5`` likewise once per share of the L2 a prefetch may fill (rows ``fxopt@0.25``).
+``--int8-gemv convert=i2f convert=mixed,block_n=16`` runs every INT8 variant once per setting of the
+one-row INT8 GEMV (overrides of ``DECODE_TILES`` in ``fxopt/kernels/quant_triton.py``; rows named
+``fxopt-int8[convert=i2f]``).
 
 Columns: ms per decoded token, tokens/s (batch × 1000 / ms), percent of the bandwidth floor
 (weight + KV bytes read per step ÷ device-to-device copy bandwidth measured in the same run),
@@ -48,6 +51,7 @@ CONFIGS = {
 }
 DEV = "cuda"
 DEFAULT_PREFETCH_L2 = triton_env.PREFETCH_L2_FRACTION
+DEFAULT_INT8_TILES = None  # quant_triton.DECODE_TILES[8] as fxopt ships it, kept by main()
 # fxopt pipelines the benchmark can run: (passes, options); passes None: fxopt's default pipeline
 PREFETCH = ["canonicalize", "kv_cache", "fuse", "fold_linear", "prefetch", "dce", "cuda_graph"]
 VARIANTS = {
@@ -60,6 +64,8 @@ VARIANTS = {
     "fxopt-int8": (["canonicalize", "kv_cache", "fuse", "quantize", "fold_linear", "dce", "cuda_graph"], {}),
     "fxopt-int8-nofold": (["canonicalize", "kv_cache", "fuse", "quantize", "dce", "cuda_graph"], {}),
     "fxopt-int8-prefetch": (["canonicalize", "kv_cache", "fuse", "quantize", "prefetch", "dce", "cuda_graph"], {}),
+    "fxopt-int8-foldq": (["canonicalize", "kv_cache", "fuse", "quantize", "fold_linear", "dce", "cuda_graph"],
+                         dict(fold_quant_linear=True)),
 }
 
 
@@ -173,6 +179,25 @@ def set_prefetch_l2(fraction: float | None) -> None:
     triton_env.PREFETCH_L2_FRACTION = DEFAULT_PREFETCH_L2 if fraction is None else fraction
 
 
+def parse_gemv(text: str) -> dict:
+    """``convert=i2f,block_n=16`` -> ``{"convert": "i2f", "block_n": 16}`` (integers where they parse)."""
+    overrides = {}
+    for item in filter(None, text.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise argparse.ArgumentTypeError(f"--int8-gemv: expected KEY=VALUE, got {item!r}")
+        overrides[key.strip()] = int(value) if value.strip().lstrip("-").isdigit() else value.strip()
+    return overrides
+
+
+def set_int8_gemv(overrides: dict | None) -> None:
+    """Apply ``overrides`` to the one-row INT8 entry of quant_triton's DECODE_TILES (None: restore it).
+    Read at launch, so it holds for everything captured under it."""
+    from fxopt.kernels import quant_triton as qt
+    (max_m, tiles), *rest = DEFAULT_INT8_TILES
+    qt.DECODE_TILES[8] = ((max_m, {**tiles, **(overrides or {})}), *rest)
+
+
 def set_pdl(mode: str | None) -> None:
     """Set triton_env's PDL mode (None: its default). Kernels read it at launch, so a mode holds
     for everything compiled and captured under it."""
@@ -222,16 +247,20 @@ def run_model(name, args, ceil, rows, prefills):
         add("hf-eager", batch, hf_decode(model, model.forward, batch, args.prompt, args.new), peak=peak_gb())
 
     import fxopt
-    runs = [(v, p, f) for v in args.variants for p in (args.pdl or [None]) for f in (args.prefetch_l2 or [None])]
-    for system, pdl, fraction in runs:
+    runs = [(v, p, f, g) for v in args.variants for p in (args.pdl or [None]) for f in (args.prefetch_l2 or [None])
+            for g in (args.int8_gemv if args.int8_gemv and "int8" in v else [None])]
+    for system, pdl, fraction, gemv in runs:
         passes, options = VARIANTS[system]
         if pdl is not None:
             system = f"{system}/{pdl}"
         if fraction is not None:
             system = f"{system}@{fraction:g}"
+        if gemv is not None:
+            system = f"{system}[{','.join(f'{k}={v}' for k, v in gemv.items())}]"
         try:
             set_pdl(pdl)
             set_prefetch_l2(fraction)
+            set_int8_gemv(gemv)
             torch.cuda.reset_peak_memory_stats()
             t0 = time.perf_counter()
             compiled = fxopt.compile(model, passes=passes, max_batch_size=max_batch, max_seq_len=seq, **options)
@@ -248,6 +277,7 @@ def run_model(name, args, ceil, rows, prefills):
         compiled = None
         set_pdl(None)
         set_prefetch_l2(None)
+        set_int8_gemv(None)
         gc.collect()
         torch.cuda.empty_cache()
     flops = 2 * sum(p.numel() for n, p in model.named_parameters() if "embed" not in n) * args.prefill
@@ -314,8 +344,19 @@ def main():
                         help="run each fxopt variant once per programmatic-dependent-launch mode")
     parser.add_argument("--prefetch-l2", nargs="+", type=float, default=None,
                         help="run each fxopt variant once per share of the L2 a prefetch may fill")
+    parser.add_argument("--int8-gemv", nargs="+", type=parse_gemv, default=None, metavar="KEY=VAL,...",
+                        help="run each INT8 variant once per one-row GEMV setting: overrides of quant_triton's "
+                             "DECODE_TILES entry, e.g. convert=i2f,block_n=16 (rows named variant[setting])")
     parser.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "decode.json"))
     args = parser.parse_args()
+    global DEFAULT_INT8_TILES
+    from fxopt.kernels import quant_triton as qt
+    DEFAULT_INT8_TILES = qt.DECODE_TILES[8]
+    for overrides in args.int8_gemv or []:
+        try:  # bad keys and values fail here, not mid-run
+            qt.decode_plan(1, 4096, 4096, 128, torch.device("cpu"), config=overrides)
+        except ValueError as e:
+            parser.error(f"--int8-gemv: {e}")
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/decode.py needs a CUDA GPU")
     ceil = ceilings()

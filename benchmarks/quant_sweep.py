@@ -48,28 +48,32 @@ COMPILE_N = 256
 # --------------------------------------------------------------------------------------------- #
 
 def gemv_grid(bits: int, quick: bool) -> list[dict]:
-    """M = 1 launch configurations: the FMA kernel over tiles, warps/stages and the conversion, the
-    run length and split policy around the default, and the tensor-core kernel (dot=True)."""
+    """M = 1 launch configurations: the FMA kernel over tiles, warps/stages and the int -> float
+    conversion, the run length and split policy around the default, and the tensor-core kernel
+    (dot=True)."""
     wide = 2 if bits == 4 else 1  # int4: twice the features for the same bytes
+    converts = ("cast", "magic") if bits == 4 else ("magic", "i2f", "mixed")  # int4: i2f / mixed run as magic
     if quick:
-        tiles = [(16, 512 * wide), (16, 1024 * wide), (32, 256 * wide)]
-        stages = [(4, 1), (4, 3)]
+        tiles = [(16, 512 * wide), (16, 1024 * wide), (32, 512 * wide)]
+        stages = [(4, 2), (4, 3)]
     else:
         tiles = [(8, 1024 * wide), (16, 512 * wide), (16, 1024 * wide), (32, 256 * wide), (32, 512 * wide)]
         stages = [(4, 1), (4, 2), (4, 3), (8, 3)]
-    grid = [dict(block_n=bn, block_k=bk, num_warps=warps, num_stages=st, magic=magic, dot=False, waves=2)
-            for (bn, bk), (warps, st), magic in itertools.product(tiles, stages, (False, True))]
+    grid = [dict(block_n=bn, block_k=bk, num_warps=warps, num_stages=st, convert=convert, dot=False, waves=2)
+            for (bn, bk), (warps, st), convert in itertools.product(tiles, stages, converts)]
     if not quick:
-        for (bn, bk), magic in itertools.product(tiles[3:], (False, True)):  # these split at N = 4096:
-            base = dict(block_n=bn, block_k=bk, num_warps=4, num_stages=3, magic=magic, dot=False)
+        for (bn, bk), convert in itertools.product(tiles[3:], converts):  # these split at N = 4096:
+            base = dict(block_n=bn, block_k=bk, num_warps=4, num_stages=3, convert=convert, dot=False)
             grid += [dict(base, waves=0), dict(base, waves=2, fused_reduce=True)]  # never, or fused
-        for sub_k, magic in itertools.product((8, 32, 128), (False, True)):
-            grid.append(dict(block_n=16, block_k=512 * wide, num_warps=4, num_stages=3, magic=magic, sub_k=sub_k,
+        for sub_k, convert in itertools.product((8, 32, 128), converts):
+            grid.append(dict(block_n=16, block_k=512 * wide, num_warps=4, num_stages=3, convert=convert, sub_k=sub_k,
                              dot=False, waves=2))
     dots = [(32, 128, 4, 4), (64, 128, 4, 4)] if quick else [(32, 128, 4, 4), (64, 128, 4, 4), (64, 256, 4, 3),
                                                               (128, 128, 4, 4), (64, 128, 8, 4)]
     for bn, bk, warps, st in dots:
         grid.append(dict(block_n=bn, block_k=bk, num_warps=warps, num_stages=st, dot=True, waves=2))
+    # Scales loaded a step ahead: the A/B of that knob.
+    grid += [dict(cfg, scales_ahead=True) for cfg in grid[:len(stages) * len(converts)]]
     return grid
 
 
@@ -84,8 +88,9 @@ def dot_grid(bits: int, quick: bool) -> list[dict]:
         tiles = [(32, 128), (64, 64), (64, 128), (64, 256), (128, 64), (128, 128)]
         stages = [(4, 3), (4, 4), (8, 4)]
         splits = [dict(waves=2), dict(waves=0), dict(waves=2, fused_reduce=True)]
-    return [dict(block_n=bn, block_k=bk, num_warps=warps, num_stages=st, **split)
+    grid = [dict(block_n=bn, block_k=bk, num_warps=warps, num_stages=st, **split)
             for (bn, bk), (warps, st), split in itertools.product(tiles, stages, splits)]
+    return grid + [dict(cfg, scales_ahead=True) for cfg in grid[:len(stages) * len(splits)]]  # see gemv_grid
 
 
 def full_config(qt, cfg: dict) -> dict:
@@ -95,22 +100,24 @@ def full_config(qt, cfg: dict) -> dict:
 
 def launch_key(plan: dict) -> tuple:
     """What distinguishes two launches (configs giving the same key are timed once)."""
-    return tuple(plan[k] for k in ("block_m", "block_n", "block_k", "sub", "magic", "num_warps", "num_stages",
-                                   "split_k", "fused_reduce"))
+    return tuple(plan[k] for k in ("block_m", "block_n", "block_k", "sub", "convert", "num_warps", "num_stages",
+                                   "split_k", "fused_reduce", "scales_ahead"))
 
 
 def compile_key(bits: int, plan: dict) -> tuple:
     """What distinguishes two compiled decode kernels (constexprs and launch options)."""
-    return (bits, plan["block_m"] > 1, plan["block_n"], plan["block_k"], plan["sub"], plan["magic"],
-            plan["num_warps"], plan["num_stages"], plan["split_k"] > 1, plan["fused_reduce"])
+    return (bits, plan["block_m"] > 1, plan["block_n"], plan["block_k"], plan["sub"], plan["convert"],
+            plan["num_warps"], plan["num_stages"], plan["split_k"] > 1, plan["fused_reduce"], plan["scales_ahead"])
 
 
 def short(cfg: dict, plan: dict | None = None) -> str:
     s = f"n{cfg['block_n']} k{cfg['block_k']} w{cfg['num_warps']} s{cfg['num_stages']}"
     if plan is None or plan["block_m"] == 1:
-        s += f" sub{plan['sub'] if plan else cfg.get('sub_k', '-')} {'magic' if cfg.get('magic') else 'cvt'}"
+        s += f" sub{plan['sub'] if plan else cfg.get('sub_k', '-')} {plan['convert'] if plan else cfg.get('convert', 'cast')}"
     if cfg.get("dot") and (plan is None or plan["block_m"] > 1):
         s += " dot"
+    if cfg.get("scales_ahead"):
+        s += " scales-ahead"
     s += f" waves{cfg.get('waves', '-')}"
     if plan is not None:
         s += f" split{plan['split_k']}" + ("F" if plan["fused_reduce"] else "")

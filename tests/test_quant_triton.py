@@ -212,14 +212,16 @@ def test_cuda_impl_falls_back(bits):
 
 GEMV_CONFIGS = [  # M = 1
     dict(block_k=64),  # the defaults otherwise: runs of 16, native conversion
-    dict(magic=True, sub_k=1, block_k=32, num_stages=1),  # a scale per weight, straight to registers
-    dict(magic=True, sub_k=2, block_k=128, block_n=8, num_stages=2),  # int4: one byte a run
-    dict(magic=False, sub_k=64, block_k=256, block_n=4, num_warps=2),  # blocks wider than the groups
+    dict(convert="magic", sub_k=1, block_k=32, num_stages=1),  # a scale per weight, straight to registers
+    dict(convert="magic", sub_k=2, block_k=128, block_n=8, num_stages=2),  # int4: one byte a run
+    dict(convert="cast", sub_k=64, block_k=256, block_n=4, num_warps=2),  # blocks wider than the groups
     dict(dot=True, block_k=64, block_n=32),  # M = 1 on the tensor-core kernel
+    dict(block_k=32, scales_ahead=True),  # scales loaded a step ahead
 ]
 DOT_CONFIGS = [  # M > 1
     dict(block_k=32, block_n=16),  # every K block inside one group: the scale multiplies the dot
     dict(block_k=128, block_n=32, num_stages=2),  # blocks wider than the group: scaled weights
+    dict(block_k=32, block_n=16, scales_ahead=True),
 ]
 
 
@@ -234,7 +236,7 @@ def test_decode_configs(m, config, bits, k, group):
 
 
 @pytest.mark.parametrize("bits", [8, 4])
-@pytest.mark.parametrize("m, config", [(1, dict(block_k=32)), (1, dict(block_k=32, magic=True, num_stages=1)),
+@pytest.mark.parametrize("m, config", [(1, dict(block_k=32)), (1, dict(block_k=32, convert="magic", num_stages=1)),
                                        (3, dict(block_k=32)), (1, dict(block_k=32, dot=True))])
 def test_fused_reduce(m, config, bits, monkeypatch):
     """Split-K summed by the last program to arrive: correct (bias included), the counters reset
@@ -334,7 +336,7 @@ def test_default_path(monkeypatch):
 # conversion, stages, dot, fused reduction) and only passed where the decode kernel runs.
 DECODE_CONFIG = st.fixed_dictionaries({}, optional=dict(
     block_n=st.sampled_from([4, 16, 32]), block_k=st.sampled_from([16, 32, 128]), sub_k=st.sampled_from([1, 4, 16]),
-    magic=st.booleans(), dot=st.booleans(), num_stages=st.sampled_from([1, 2]), fused_reduce=st.booleans()))
+    convert=st.sampled_from(qt.CONVERTS), dot=st.booleans(), scales_ahead=st.booleans(), num_stages=st.sampled_from([1, 2]), fused_reduce=st.booleans()))
 
 
 @settings(HYPOTHESIS, max_examples=40)
@@ -384,7 +386,8 @@ def test_gpu_paths_bf16(path, m, bits):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("m, config", [
-    (1, dict(magic=True)), (1, dict(magic=False, num_stages=1)), (1, dict(sub_k=128, block_k=1024)),
+    (1, dict(convert="magic")), (1, dict(convert="cast", num_stages=1)), (1, dict(sub_k=128, block_k=1024)),
+    (1, dict(convert="i2f", block_n=16, block_k=1024)), (1, dict(convert="mixed", block_n=16, block_k=1024)),
     (1, dict(dot=True, block_n=64, block_k=128)), (1, dict(block_n=64, block_k=256, fused_reduce=True)),
     (4, dict(block_n=64, block_k=256)), (8, dict(block_n=32, block_k=128, fused_reduce=True)),
     (16, dict(block_n=128, block_k=64, num_warps=8, waves=0)),
@@ -394,6 +397,35 @@ def test_gpu_decode_configs(m, config, bits, dtype):
     reduction with real atomics), at llama shapes."""
     for n, k in ((4096, 4096), (11008, 4096), (4096, 11008)):
         check(make_case(m, n, k, 128, bits, dtype, device="cuda"), 128, bits, k, config=config)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("n, k, group", [(4096, 4096, 128), (37, 99, 7), (576, 1536, 64), (300, 576, 128)])
+def test_gpu_conversions_agree(n, k, group, dtype):
+    """The M = 1 GEMV's int8 -> fp32 conversions are exact, so every one gives the bits the cast
+    gives: the PTX ones ("i2f", "mixed") run only on a GPU (the interpreter takes the cast for them),
+    and this is where a wrong byte select or sign would show. Weights span all of -127..127."""
+    case = make_case(1, n, k, group, 8, dtype, True, device="cuda", seed=n + k)
+    assert int(case[1].min()) == -127 and int(case[1].max()) == 127
+    results = {c: qt.quant_linear_triton(*case, group, 8, k, path="decode", config=dict(convert=c, block_n=16))
+               for c in qt.CONVERTS}
+    check(case, group, 8, k, path="decode", config=dict(convert="cast", block_n=16))
+    for convert, y in results.items():
+        assert torch.equal(y, results["cast"]), f"convert={convert!r} differs from the cast"
+
+
+def test_convert_plan():
+    """PTX conversions only where they run: int8, the FMA GEMV, not the interpreter."""
+    cpu = torch.device("cpu")
+    for convert in qt.CONVERTS:
+        plan = qt.decode_plan(1, 64, 256, 128, cpu, config=dict(convert=convert), bits=8)
+        assert plan["convert"] == (convert if convert in ("cast", "magic") or not qt.INTERPRET else "cast")
+        assert qt.decode_plan(1, 64, 256, 128, cpu, config=dict(convert=convert), bits=4)["convert"] == (
+            "cast" if convert == "cast" else "magic")
+        assert qt.decode_plan(1, 64, 256, 128, cpu, config=dict(convert=convert, dot=True))["convert"] == "cast"
+    with pytest.raises(ValueError, match="convert must be one of"):
+        qt.decode_plan(1, 64, 256, 128, cpu, config=dict(convert="fast"))
 
 
 @pytest.mark.gpu

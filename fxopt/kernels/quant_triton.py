@@ -19,17 +19,24 @@ Decode (``M <= DECODE_MAX_M``): a GEMV / skinny GEMM, bound by the weight bytes.
       16 x 512 int8 = 8 KiB a step, three stages. All programs together then hold roughly
       ``N x BLOCK_K x (num_stages - 1)`` bytes in flight; ``BLOCK_N`` trades program count against
       x re-reads from L2.
-    * Few instructions per weight. The SM issues 128 thread-instructions a clock, i.e. ~8 per
-      int8 and ~4 per int4 weight at full bandwidth, and int -> float conversion (I2F) runs at a
-      quarter rate, ~16 a clock: one per int8 weight is already the whole budget. From the sm_90
-      SASS of Triton 3.9 (loop instructions per weight, see benchmarks/quant_sweep.py to measure):
+    * Few instructions per weight. At full bandwidth an SM must take in ~11.5 int8 weights a clock
+      on an H100 (3 TB/s, 132 SMs, ~2 GHz) and ~18 on an H200 (4.3 TB/s); it issues 128
+      thread-instructions a clock, i.e. ~11 / ~7 per int8 weight and half that per int4 weight, and
+      converts int -> float (I2F) at a quarter rate, 16 a clock. Instructions per weight (sm_90
+      SASS; benchmarks/quant_sweep.py measures what they cost):
       - scales apply per *run*, not per weight: the block is summed in runs of ``SUB`` features that
         lie inside one group (``tl.sum`` of a ``[BLOCK_N, BLOCK_K // SUB, SUB]`` view) and each run
         sum is multiplied by its scale: ~1.5 floating-point instructions a weight (the product
         and Triton's in-thread add tree) instead of a scale multiply plus an FMA;
-      - ``magic``: int -> float without I2F: a byte OR-ed into the mantissa of 2**23 is
-        2**23 + byte exactly, so one LOP3 and one FADD give the value (int8: ~5.4 instructions a
-        weight, all full-rate, against ~4.2 with one I2F each; the sweep decides);
+      - the int8 -> fp32 conversion (config ``convert``), loop instructions a weight from Triton
+        3.6's sm_90 SASS at 8 x 1024 / 16 x 1024 tiles (compiled without a GPU:
+        ``triton.compile`` with ``GPUTarget("cuda", 90, 32)``):
+        ``cast`` (Triton's: a PRMT to sign-extend the byte, then I2F.S16) 4.66 / 4.23;
+        ``magic`` (a byte OR-ed into the mantissa of 2**23 is 2**23 + byte exactly: Triton emits a
+        PRMT or LOP3 to extract it, a LOP3 and an FADD, all full-rate) 5.91 / 5.48;
+        ``i2f`` (inline PTX ``bfe.s32`` + ``cvt.rn.f32.s32``, which ptxas folds into one
+        byte-selecting I2F.S8) 3.91 / 3.48, but I2F is quarter-rate;
+        ``mixed`` (half the bytes each way, the magic one a PRMT and an FADD) 4.67 / 4.24;
       - 4 bits: the low and high nibbles multiply the even and odd features of x (split once per
         block, shared by all rows) with no interleave of the weights, and the high nibble is taken
         in place (``byte & 0xF0`` is 16 x nibble; x's odd features are divided by 16 instead):
@@ -148,13 +155,18 @@ DEQUANT_MAX_NUMEL = 1 << 27
 #   num_warps
 #   num_stages         weight tiles in flight through shared memory (cp.async); 1: straight to registers
 #   sub_k              M = 1 FMA path: features per partial sum (capped by the group's run, see _runs)
-#   magic              M = 1 FMA path: int -> float by the 2**23 mantissa trick instead of I2F
-#                      (I2F is quarter-rate, ~16 a clock an SM: what int8 needs at full bandwidth)
+#   convert            M = 1 FMA path: int -> float conversion, one of CONVERTS: "cast" (Triton's:
+#                      a PRMT and an I2F a weight), "magic" (the 2**23 mantissa trick in Triton ops:
+#                      no I2F, three full-rate instructions a weight), "i2f" (PTX: one byte-selecting I2F a weight;
+#                      I2F is quarter-rate, 16 a clock an SM), "mixed" (PTX: half of each). int4
+#                      knows "cast" and "magic" ("i2f" / "mixed" run as "magic").
 #   dot                M = 1: use the tensor-core kernel (x padded to 16 rows) instead of the FMA one
 #   waves              programs per SM to aim for; K is split when the N blocks are fewer
 #   fused_reduce       split-K partials summed by the last-arriving program (no second launch)
-DECODE_DEFAULTS = dict(block_n=16, block_k=512, num_warps=4, num_stages=3, sub_k=16, magic=False, dot=False,
-                       waves=2, fused_reduce=False)
+#   scales_ahead       each K step loads the next step's scales (their load latency hidden a step);
+#                      off until a GPU run shows it pays (benchmarks/decode.py --int8-gemv scales_ahead=1)
+DECODE_DEFAULTS = dict(block_n=16, block_k=512, num_warps=4, num_stages=3, sub_k=16, convert="cast", dot=False,
+                       waves=2, fused_reduce=False, scales_ahead=False)
 # Per bit width: (largest M, overrides of DECODE_DEFAULTS) in increasing M; the first entry whose M
 # bound is >= the launch's M applies (the last one beyond). Reasoned from sm_90 SASS (instructions a
 # weight) and bytes in flight, not yet measured -- benchmarks/quant_sweep.py prints a replacement:
@@ -166,12 +178,12 @@ DECODE_DEFAULTS = dict(block_n=16, block_k=512, num_warps=4, num_stages=3, sub_k
 #   split-K restores the program count.
 DECODE_TILES = {  # from benchmarks/quant_sweep.py on an H200, bf16, group 128, 2026-11-27
     8: (
-        (1, dict(block_k=1024, block_n=8, magic=True, num_stages=2)),  # 1.01x of each point's best
+        (1, dict(block_k=1024, block_n=8, convert="magic", num_stages=2)),  # 1.01x of each point's best
         (8, dict(block_k=128, block_n=64)),  # 1.03x
         (MAX_DECODE_BLOCK_M, dict(block_k=128, block_n=64)),  # 1.03x (fused_reduce: another 2 %, left off)
     ),
     4: (
-        (1, dict(block_k=2048, block_n=8, magic=True, num_stages=1)),  # 1.01x
+        (1, dict(block_k=2048, block_n=8, convert="magic", num_stages=1)),  # 1.01x
         (8, dict(block_k=128, block_n=128)),  # 1.00x
         (MAX_DECODE_BLOCK_M, dict(block_k=128, block_n=128)),  # 1.02x
     ),
@@ -203,6 +215,9 @@ DEQUANT_NUM_WARPS = 4
 # that every layer shares one compilation (k // WHOLE_ROW is 0 for any k).
 WHOLE_ROW = 1 << 30
 
+# The M = 1 GEMV's int8 -> fp32 conversions (config key "convert"), in the kernels' CONVERT order.
+CONVERTS = ("cast", "magic", "i2f", "mixed")
+
 # tl.dot wants at least 16 along every dimension.
 MIN_DOT = 16
 
@@ -217,14 +232,43 @@ _MAGIC_INT4 = tl.constexpr(8388616.0)  # 2**23 + 8: a nibble holds q + 8
 # Kernels: building blocks
 # --------------------------------------------------------------------------------------------- #
 
+# int8 -> fp32 PTX, four weights (one 32-bit register, ``pack=4``) a call; both exact.
+# ``i2f``: one I2F.S8 a weight (ptxas folds the byte extract into the conversion's byte select).
+# I2F runs at a quarter of the FMA rate (16 a clock an SM on Hopper): enough for the bytes an H100
+# streams (~13 a clock an SM at 3 TB/s), not quite for an H200's (~18).
+_I2F_ASM = tl.constexpr("""{
+    .reg .s32 b0, b1, b2, b3;
+    bfe.s32 b0, $4, 0, 8;   bfe.s32 b1, $4, 8, 8;   bfe.s32 b2, $4, 16, 8;  bfe.s32 b3, $4, 24, 8;
+    cvt.rn.f32.s32 $0, b0;  cvt.rn.f32.s32 $1, b1;  cvt.rn.f32.s32 $2, b2;  cvt.rn.f32.s32 $3, b3;
+}""")
+# ``mixed``: bytes 0 and 2 by I2F, bytes 1 and 3 by the magic number (sign bits flipped once for the
+# word, then one PRMT builds 0x4B0000xx = 2**23 + q + 128 and one FADD takes 2**23 + 128 off): half
+# the I2F load at 2.75 instructions a weight.
+_MIXED_ASM = tl.constexpr("""{
+    .reg .s32 b0, b2;
+    .reg .b32 t;
+    bfe.s32 b0, $4, 0, 8;   bfe.s32 b2, $4, 16, 8;
+    cvt.rn.f32.s32 $0, b0;  cvt.rn.f32.s32 $2, b2;
+    xor.b32 t, $4, 0x80808080;
+    prmt.b32 $1, t, 0x4B000000, 0x7541;  prmt.b32 $3, t, 0x4B000000, 0x7543;
+    sub.f32 $1, $1, 0f4B000080;          sub.f32 $3, $3, 0f4B000080;
+}""")
+
+
 @_jit
-def _int8_to_f32(q, MAGIC: tl.constexpr):
-    """int8 values -> fp32 (exact)."""
-    if MAGIC:
+def _int8_to_f32(q, CONVERT: tl.constexpr):
+    """int8 values -> fp32 (exact). CONVERT (``CONVERTS``): 0 Triton's cast (a PRMT and an I2F.S16
+    a weight), 1 the magic number in Triton ops, 2 / 3 the PTX above (never in the interpreter:
+    the launcher turns them into 0 there)."""
+    if CONVERT == 1:
         # The byte with its sign bit flipped (q + 128, 0..255) OR-ed into the mantissa of 2**23 is
         # 2**23 + q + 128 exactly: one LOP3 (xor and or in one) and one FADD, no conversion unit.
         bits = q.to(tl.uint8, bitcast=True).to(tl.int32) ^ (_MAGIC_BITS | 0x80)
         return bits.to(tl.float32, bitcast=True) - _MAGIC_INT8
+    elif CONVERT == 2:
+        return tl.inline_asm_elementwise(_I2F_ASM, "=r,=r,=r,=r,r", [q], dtype=tl.float32, is_pure=True, pack=4)
+    elif CONVERT == 3:
+        return tl.inline_asm_elementwise(_MIXED_ASM, "=r,=r,=r,=r,r", [q], dtype=tl.float32, is_pure=True, pack=4)
     else:
         return q.to(tl.float32)
 
@@ -279,18 +323,18 @@ def _load_weight_bytes(QW, rows, mask_n, b0, row_bytes, stride_qn, WIDTH: tl.con
 
 @_jit
 def _weight_tile(QW, rows, mask_n, k0, row_bytes, stride_qn,
-                 BITS: tl.constexpr, BLOCK_K: tl.constexpr, MAGIC: tl.constexpr):
+                 BITS: tl.constexpr, BLOCK_K: tl.constexpr, CONVERT: tl.constexpr):
     """Integer weights of rows ``rows``, features ``k0 .. k0 + BLOCK_K``, as fp32 [BLOCK_N, BLOCK_K]
     in feature order (unscaled). Past N or past the row the bytes read 0 (a 4-bit q of -8): finite,
     which the caller's zero scales, zero x or masked store make harmless. (0, not 0x88: masked
     cp.async copies zero-fill, any other value costs a select a byte.) ``k0`` is even."""
     if BITS == 8:
-        return _int8_to_f32(_load_weight_bytes(QW, rows, mask_n, k0, row_bytes, stride_qn, BLOCK_K, 0), MAGIC)
+        return _int8_to_f32(_load_weight_bytes(QW, rows, mask_n, k0, row_bytes, stride_qn, BLOCK_K, 0), CONVERT)
     else:
         # Byte j holds features 2j (low nibble) and 2j + 1 (high): load the bytes once, split them
         # in registers and interleave back into feature order.
         packed = _load_weight_bytes(QW, rows, mask_n, k0 // 2, row_bytes, stride_qn, BLOCK_K // 2, 0)
-        lo, hi = _nibbles_to_f32(packed, MAGIC)
+        lo, hi = _nibbles_to_f32(packed, CONVERT != 0)
         return tl.interleave(lo, hi)
 
 
@@ -326,47 +370,59 @@ def _run_sums(p, BLOCK_N: tl.constexpr, WIDTH: tl.constexpr, RUN: tl.constexpr):
 
 
 @_jit
-def _gemv_block(x, QW, SC, rows, mask_n, k0, K, row_bytes, stride_qn, stride_sn,
-                GROUP_SIZE: tl.constexpr, BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                SUB: tl.constexpr, MAGIC: tl.constexpr):
+def _step_scales(s_next, SC, rows, mask_n, k0, K, stride_sn,
+                 GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr, SUB: tl.constexpr, AHEAD: tl.constexpr):
+    """(the run scales of the block at ``k0``, what the next step gets as ``s_next``). AHEAD: the
+    block's scales are ``s_next`` (loaded a step ago), and the next block's are loaded now (past K
+    they read 0; past a split's end, the next split's: unused either way). Otherwise loaded now."""
+    if AHEAD:
+        return s_next, _run_scales(SC, rows, mask_n, k0 + BLOCK_K, K, stride_sn, GROUP_SIZE, BLOCK_K, SUB)
+    else:
+        return _run_scales(SC, rows, mask_n, k0, K, stride_sn, GROUP_SIZE, BLOCK_K, SUB), s_next
+
+
+@_jit
+def _gemv_block(x, QW, s, rows, mask_n, k0, row_bytes, stride_qn,
+                BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                SUB: tl.constexpr, CONVERT: tl.constexpr):
     """One K block of the M = 1 GEMV: scale * sum(q * x) per run of SUB features, [BLOCK_N, BLOCK_K // SUB],
-    for x (fp32, [BLOCK_K]) the block of the input at ``k0``.
+    for x (fp32, [BLOCK_K]) the block of the input at ``k0`` and s its run scales (``_run_scales``).
 
     A weight costs its product and its share of the run's add tree (the product is exact in fp32:
     |q| <= 127 has 7 bits, x at most 24); the scale multiplies run sums, not weights."""
     if BITS == 8:
-        q = _int8_to_f32(_load_weight_bytes(QW, rows, mask_n, k0, row_bytes, stride_qn, BLOCK_K, 0), MAGIC)
+        q = _int8_to_f32(_load_weight_bytes(QW, rows, mask_n, k0, row_bytes, stride_qn, BLOCK_K, 0), CONVERT)
         sums = _run_sums(q * x[None, :], BLOCK_N, BLOCK_K, SUB)
     elif SUB == 1:
         # Odd groups: the two features of a byte may lie in different groups; go to feature order.
-        q = _weight_tile(QW, rows, mask_n, k0, row_bytes, stride_qn, BITS, BLOCK_K, MAGIC)
+        q = _weight_tile(QW, rows, mask_n, k0, row_bytes, stride_qn, BITS, BLOCK_K, CONVERT)
         sums = q * x[None, :]
     else:
         # Low nibbles pair with the even features of x, high nibbles with the odd ones: split x
         # once (shared by the rows) instead of interleaving every weight tile.
         packed = _load_weight_bytes(QW, rows, mask_n, k0 // 2, row_bytes, stride_qn, BLOCK_K // 2, 0)
-        lo, hi = _nibbles_to_f32(packed, MAGIC, HIGH_X16=True)
+        lo, hi = _nibbles_to_f32(packed, CONVERT != 0, HIGH_X16=True)
         x_even, x_odd = tl.split(tl.reshape(x, [BLOCK_K // 2, 2]))
-        if MAGIC:
+        if CONVERT != 0:
             x_odd = x_odd * 0.0625  # hi is 16 * q (exact: a power of two)
         # Two separate sums, so that each product fuses into its own add tree.
         sums = (_run_sums(lo * x_even[None, :], BLOCK_N, BLOCK_K // 2, SUB // 2)
                 + _run_sums(hi * x_odd[None, :], BLOCK_N, BLOCK_K // 2, SUB // 2))
-    return sums * _run_scales(SC, rows, mask_n, k0, K, stride_sn, GROUP_SIZE, BLOCK_K, SUB)
+    return sums * s
 
 
 @_jit
-def _dot_block(acc, x, QW, SC, rows, mask_n, k0, K, row_bytes, stride_qn, stride_sn,
-               GROUP_SIZE: tl.constexpr, BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def _dot_block(acc, x, QW, s, rows, mask_n, k0, row_bytes, stride_qn,
+               BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                BLOCK_K: tl.constexpr, SUB: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """acc [BLOCK_M, BLOCK_N] + x [BLOCK_M, BLOCK_K] @ (weights of the K block at k0)^T, tensor cores.
+    """acc [BLOCK_M, BLOCK_N] + x [BLOCK_M, BLOCK_K] @ (weights of the K block at k0)^T, tensor cores;
+    s: the block's run scales (``_run_scales``).
 
     Integer weights are exact in fp16 / bf16. When the block lies in one run (SUB == BLOCK_K) they go
     to the dot as they are and the scale multiplies the [BLOCK_M, BLOCK_N] result; otherwise the
     weights are scaled per run first. 4-bit weights stay unpacked in two halves: the low nibbles
     meet the even features of x, the high nibbles the odd ones (two half-width dots, no interleave
     of the weight tile), except for odd groups, whose bytes may straddle two groups."""
-    s = _run_scales(SC, rows, mask_n, k0, K, stride_sn, GROUP_SIZE, BLOCK_K, SUB)
     if BITS == 4 and SUB > 1:
         packed = _load_weight_bytes(QW, rows, mask_n, k0 // 2, row_bytes, stride_qn, BLOCK_K // 2, 0)
         x_even, x_odd = tl.split(tl.reshape(x, [BLOCK_M, BLOCK_K // 2, 2]))
@@ -383,7 +439,7 @@ def _dot_block(acc, x, QW, SC, rows, mask_n, k0, K, row_bytes, stride_qn, stride
             acc = tl.dot(x_odd, tl.trans(hi), acc=acc, input_precision=DOT_PRECISION)
     else:
         # Triton's own int8 -> fp16/bf16 conversion is already a packed magic-number sequence.
-        q = _weight_tile(QW, rows, mask_n, k0, row_bytes, stride_qn, BITS, BLOCK_K, False)
+        q = _weight_tile(QW, rows, mask_n, k0, row_bytes, stride_qn, BITS, BLOCK_K, 0)
         if SUB == BLOCK_K:
             part = tl.dot(x, tl.trans(q.to(x.dtype)), input_precision=DOT_PRECISION)
             acc += part * tl.reshape(s, [BLOCK_N])[None, :]
@@ -453,10 +509,10 @@ def _decode_kernel(
     X, QW, SC, BIAS, Y, PART, CNT, RES, G,
     M, N, K, row_bytes, stride_xm, stride_qn, stride_sn, stride_ym, k_per_split, n_splits, eps,
     GROUP_SIZE: tl.constexpr, BITS: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
-    FUSED_REDUCE: tl.constexpr, SUB: tl.constexpr, MAGIC: tl.constexpr,
+    FUSED_REDUCE: tl.constexpr, SUB: tl.constexpr, CONVERT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
     NUM_STAGES: tl.constexpr, PROLOGUE: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr,
-    PDL: tl.constexpr = 0,
+    PDL: tl.constexpr = 0, SCALES_AHEAD: tl.constexpr = False,
 ):
     """All M (<= BLOCK_M) rows of x times BLOCK_N weight rows, over one split of K.
 
@@ -476,15 +532,21 @@ def _decode_kernel(
 
     pdl_wait(PDL)
 
+    # The scales cannot stream through shared memory as the weights do (cp.async copies 4 bytes and
+    # more; a run's scale is a 2-byte gather), so a plain load would stall every step on memory
+    # latency. With SCALES_AHEAD each step loads the next step's scales, used one step later.
+    s_next = _run_scales(SC, rows, mask_n, k_start, K, stride_sn, GROUP_SIZE, BLOCK_K, SUB)
     if BLOCK_M == 1:
         # GEMV on the FMA units: fp32 run sums, one cross-lane reduction at the very end.
         acc_runs = tl.zeros([BLOCK_N, BLOCK_K // SUB], dtype=tl.float32)
         sum_sq = tl.zeros([BLOCK_K], dtype=tl.float32)
         for k0 in tl.range(k_start, k_stop, BLOCK_K, num_stages=NUM_STAGES):
+            s, s_next = _step_scales(s_next, SC, rows, mask_n, k0, K, stride_sn, GROUP_SIZE, BLOCK_K, SUB,
+                                     SCALES_AHEAD)
             x, squares = _input_block(X, G, k0 + tl.arange(0, BLOCK_K), K, PROLOGUE, ACT, X.dtype.element_ty)
             sum_sq += squares
-            acc_runs += _gemv_block(x, QW, SC, rows, mask_n, k0, K, row_bytes, stride_qn, stride_sn,
-                                    GROUP_SIZE, BITS, BLOCK_N, BLOCK_K, SUB, MAGIC)
+            acc_runs += _gemv_block(x, QW, s, rows, mask_n, k0, row_bytes, stride_qn,
+                                    BITS, BLOCK_N, BLOCK_K, SUB, CONVERT)
         pdl_trigger(PDL)
         acc = tl.sum(acc_runs, axis=1)[None, :]
         if PROLOGUE == 1:
@@ -498,8 +560,10 @@ def _decode_kernel(
             offs_k = k0 + offs_kb
             x = tl.load(x_rows + offs_k[None, :], mask=mask_m[:, None] & (offs_k < K)[None, :], other=0.0,
                         eviction_policy="evict_last")
-            acc = _dot_block(acc, x, QW, SC, rows, mask_n, k0, K, row_bytes, stride_qn, stride_sn,
-                             GROUP_SIZE, BITS, BLOCK_M, BLOCK_N, BLOCK_K, SUB, DOT_PRECISION)
+            s, s_next = _step_scales(s_next, SC, rows, mask_n, k0, K, stride_sn, GROUP_SIZE, BLOCK_K, SUB,
+                                     SCALES_AHEAD)
+            acc = _dot_block(acc, x, QW, s, rows, mask_n, k0, row_bytes, stride_qn,
+                             BITS, BLOCK_M, BLOCK_N, BLOCK_K, SUB, DOT_PRECISION)
         pdl_trigger(PDL)
 
     if SPLIT:
@@ -559,7 +623,7 @@ def _prefill_kernel(
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + offs_kb
         x = tl.load(x_rows + offs_k[None, :], mask=mask_m[:, None] & (offs_k < K)[None, :], other=0.0)
-        q = _weight_tile(QW, rows, mask_n, k0, row_bytes, stride_qn, BITS, BLOCK_K, False)
+        q = _weight_tile(QW, rows, mask_n, k0, row_bytes, stride_qn, BITS, BLOCK_K, 0)
         s = _run_scales(SC, rows, mask_n, k0, K, stride_sn, GROUP_SIZE, BLOCK_K, SUB)
         # Rounded to the activation dtype, as the reference's dequantized weight: tensor cores.
         w = _scale_weights(q, s, BLOCK_N, BLOCK_K, SUB).to(x.dtype)
@@ -581,7 +645,7 @@ def _dequant_kernel(
     offs_k = k0 + tl.arange(0, BLOCK_K)
     mask_n = offs_n < N
     rows = offs_n.to(tl.int64)
-    q = _weight_tile(QW, rows, mask_n, k0, row_bytes, stride_qn, BITS, BLOCK_K, False)
+    q = _weight_tile(QW, rows, mask_n, k0, row_bytes, stride_qn, BITS, BLOCK_K, 0)
     s = _run_scales(SC, rows, mask_n, k0, K, stride_sn, GROUP_SIZE, BLOCK_K, SUB)
     w = _scale_weights(q, s, BLOCK_N, BLOCK_K, SUB)
     tl.store(W + rows[:, None] * stride_wn + offs_k[None, :], _round_to(w, W.dtype.element_ty, SOFT_RNE),
@@ -626,10 +690,22 @@ def _config(defaults: dict, overrides: dict | None) -> dict:
     if unknown:
         raise ValueError(f"quant_linear_triton: unknown config keys {sorted(unknown)}; known: {sorted(defaults)}")
     cfg = {**defaults, **(overrides or {})}
+    if "convert" in cfg and cfg["convert"] not in CONVERTS:
+        raise ValueError(f"quant_linear_triton: config convert must be one of {CONVERTS}, got {cfg['convert']!r}")
     for key in ("block_m", "block_n", "block_k", "sub_k", "num_warps"):
         if key in cfg and not _is_pow2(cfg[key]):
             raise ValueError(f"quant_linear_triton: config {key} must be a power of two, got {cfg[key]!r}")
     return cfg
+
+
+def _convert(convert: str, use_dot: bool, bits: int) -> str:
+    """The conversion a decode launch runs: the dot path converts its own way ("cast"), int4 knows no
+    PTX conversion ("magic" instead) and the interpreter runs no PTX (the cast the PTX equals)."""
+    if use_dot:
+        return "cast"
+    if convert in ("i2f", "mixed") and (bits == 4 or INTERPRET):
+        return "magic" if bits == 4 else "cast"
+    return convert
 
 
 def decode_tiles(m: int, bits: int) -> dict:
@@ -676,7 +752,7 @@ def decode_plan(m: int, out_features: int, in_features: int, group_size: int, de
     split_k = triton.cdiv(k_blocks, blocks_per_split)
     # Knobs the chosen kernel ignores are normalized, so that they compile (and compare) as one.
     return dict(cfg, block_m=block_m, block_n=block_n, block_k=block_k, group=group, sub=sub,
-                magic=bool(cfg["magic"]) and not use_dot, fused_reduce=bool(cfg["fused_reduce"]) and split_k > 1,
+                convert=_convert(cfg["convert"], use_dot, bits), fused_reduce=bool(cfg["fused_reduce"]) and split_k > 1,
                 split_k=split_k, k_per_split=blocks_per_split * block_k)
 
 
@@ -733,10 +809,10 @@ def _decode(x2, qweight, scales, bias, y2, group_size, bits, in_features, split_
         PROLOGUE=2 if gated_kind(prologue) else (1 if prologue == "rms_norm" else 0),
         ACT=gated_kind(prologue) or "silu", HAS_RES=residual2 is not None,
         GROUP_SIZE=plan["group"], BITS=bits, HAS_BIAS=bias is not None, SPLIT=split_k > 1,
-        FUSED_REDUCE=counters is not None, SUB=plan["sub"], MAGIC=plan["magic"],
+        FUSED_REDUCE=counters is not None, SUB=plan["sub"], CONVERT=CONVERTS.index(plan["convert"]),
         BLOCK_M=plan["block_m"], BLOCK_N=plan["block_n"], BLOCK_K=plan["block_k"],
         DOT_PRECISION=_dot_precision(x2.dtype), NUM_STAGES=plan["num_stages"],
-        PDL=pdl,
+        PDL=pdl, SCALES_AHEAD=bool(plan["scales_ahead"]),
         num_warps=plan["num_warps"], num_stages=plan["num_stages"], launch_pdl=pdl > 0,
     )
     if split_k > 1 and counters is None:
