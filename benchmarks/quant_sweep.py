@@ -72,8 +72,6 @@ def gemv_grid(bits: int, quick: bool) -> list[dict]:
                                                               (128, 128, 4, 4), (64, 128, 8, 4)]
     for bn, bk, warps, st in dots:
         grid.append(dict(block_n=bn, block_k=bk, num_warps=warps, num_stages=st, dot=True, waves=2))
-    # Scales loaded a step ahead: the A/B of that knob.
-    grid += [dict(cfg, scales_ahead=True) for cfg in grid[:len(stages) * len(converts)]]
     return grid
 
 
@@ -88,9 +86,8 @@ def dot_grid(bits: int, quick: bool) -> list[dict]:
         tiles = [(32, 128), (64, 64), (64, 128), (64, 256), (128, 64), (128, 128)]
         stages = [(4, 3), (4, 4), (8, 4)]
         splits = [dict(waves=2), dict(waves=0), dict(waves=2, fused_reduce=True)]
-    grid = [dict(block_n=bn, block_k=bk, num_warps=warps, num_stages=st, **split)
+    return [dict(block_n=bn, block_k=bk, num_warps=warps, num_stages=st, **split)
             for (bn, bk), (warps, st), split in itertools.product(tiles, stages, splits)]
-    return grid + [dict(cfg, scales_ahead=True) for cfg in grid[:len(stages) * len(splits)]]  # see gemv_grid
 
 
 def full_config(qt, cfg: dict) -> dict:
@@ -316,7 +313,8 @@ def main(argv=None) -> int:
     jobs = {}
     for (in_f, out_f), bits, m in itertools.product(args.shapes, args.bits, args.ms):
         grid = [full_config(qt, c) for c in (gemv_grid(bits, args.quick) if m == 1 else dot_grid(bits, args.quick))]
-        grid.append(qt.decode_tiles(m, bits))  # the current default, always timed
+        default = qt.decode_tiles(m, bits)  # always timed, and with its scales knob flipped (the A/B)
+        grid += [default, dict(default, scales_ahead=not default["scales_ahead"])]
         launches = {}
         for cfg in grid:
             plan = qt.decode_plan(m, out_f, in_f, args.group, dev, None, cfg, bits=bits)
@@ -408,9 +406,14 @@ def report_point(out, qt, point, timed, t_bf16, q_bytes, args, dev) -> None:
             seen.add(launch_key(r[2]))
             ranked.append(r)
     out(f"\n{in_f}x{out_f} bits={bits} M={m}: bf16 F.linear {t_bf16:7.1f} us; {len(ranked)} launches timed")
-    rows = ranked[:3] + [r for r in ranked[3:] if is_default(qt, point, r[2], args, dev)]
+    # The best three, the default and the default with its scales knob flipped (the A/B of that knob).
+    flipped = dict(qt.decode_tiles(m, bits), scales_ahead=not qt.decode_tiles(m, bits)["scales_ahead"])
+    flipped_key = launch_key(qt.decode_plan(m, out_f, in_f, args.group, dev, None, flipped, bits=bits))
+    rows = ranked[:3] + [r for r in ranked[3:] if is_default(qt, point, r[2], args, dev)
+                         or launch_key(r[2]) == flipped_key]
     for t, cfg, plan in rows:
         mark = "  (default)" if is_default(qt, point, plan, args, dev) else ""
+        mark += "  (default, scales knob flipped)" if launch_key(plan) == flipped_key else ""
         out(f"  {t:7.1f} us {q_bytes / t / 1e3:6.0f} GB/s {t_bf16 / t:5.2f}x bf16  {short(cfg, plan)}{mark}")
 
 

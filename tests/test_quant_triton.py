@@ -333,10 +333,11 @@ def test_default_path(monkeypatch):
 
 
 # Random shapes, paths and decode knobs. Decode configs are drawn whole (tile, run length,
-# conversion, stages, dot, fused reduction) and only passed where the decode kernel runs.
+# conversion, stages, dot, fused reduction, scales) and only passed where the decode kernel runs.
 DECODE_CONFIG = st.fixed_dictionaries({}, optional=dict(
     block_n=st.sampled_from([4, 16, 32]), block_k=st.sampled_from([16, 32, 128]), sub_k=st.sampled_from([1, 4, 16]),
-    convert=st.sampled_from(qt.CONVERTS), dot=st.booleans(), scales_ahead=st.booleans(), num_stages=st.sampled_from([1, 2]), fused_reduce=st.booleans()))
+    convert=st.sampled_from(qt.CONVERTS), dot=st.booleans(), scales_ahead=st.booleans(),
+    num_stages=st.sampled_from([1, 2]), fused_reduce=st.booleans()))
 
 
 @settings(HYPOTHESIS, max_examples=40)

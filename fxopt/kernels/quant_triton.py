@@ -535,7 +535,10 @@ def _decode_kernel(
     # The scales cannot stream through shared memory as the weights do (cp.async copies 4 bytes and
     # more; a run's scale is a 2-byte gather), so a plain load would stall every step on memory
     # latency. With SCALES_AHEAD each step loads the next step's scales, used one step later.
-    s_next = _run_scales(SC, rows, mask_n, k_start, K, stride_sn, GROUP_SIZE, BLOCK_K, SUB)
+    if SCALES_AHEAD:
+        s_next = _run_scales(SC, rows, mask_n, k_start, K, stride_sn, GROUP_SIZE, BLOCK_K, SUB)
+    else:
+        s_next = tl.zeros([BLOCK_N, BLOCK_K // SUB], dtype=tl.float32)  # unused
     if BLOCK_M == 1:
         # GEMV on the FMA units: fp32 run sums, one cross-lane reduction at the very end.
         acc_runs = tl.zeros([BLOCK_N, BLOCK_K // SUB], dtype=tl.float32)
