@@ -483,3 +483,49 @@ def test_folded_prologue_and_residual(m, k, group, prologue, bits):
     assert not torch.isnan(got).any()
     # rms_norm: rstd scales the fp32 sum instead of each input element (a few ulps apart)
     torch.testing.assert_close(got, expected, atol=5e-5, rtol=5e-5)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("m, split_k, fused, path, prologue", [
+    (1, 3, False, None, "none"),  # one row, split: the reduce kernel adds it
+    (3, 3, False, None, "rms_norm"),  # more rows: the norm's kernel first, the residual in the reduction
+    (3, 3, True, None, "gated_silu"),  # the fused reduction (last program to arrive) adds it
+    (5, 1, False, None, "none"),  # no split: the decode kernel's epilogue
+    (1, None, False, "prefill", "rms_norm"),  # a prefill path for one row: norm and add around it
+    (3, None, False, "dequant", "none"),
+])
+def test_residual_added_once(m, split_k, fused, path, prologue, bits):
+    """The residual is added exactly once wherever the output is written: the decode kernel, the
+    split-K reduce kernel, the fused reduction, or after a prefill path (and a prologue at any M)."""
+    n, k, group = 37, 576, 64  # 18 blocks of 32: room for 3 splits
+    g = torch.Generator().manual_seed(m * 7 + bits)
+    x, qweight, scales, bias = make_case(m, n, k, group, bits, torch.float32, seed=m + bits)
+    if prologue.startswith("gated_"):
+        x = torch.randn(m, 2 * k, generator=g).to(DEVICE)
+    norm_weight = (torch.rand(k, generator=g) + 0.5).to(DEVICE) if prologue == "rms_norm" else None
+    residual = (10 * torch.randn(m, n, generator=g)).to(DEVICE)  # large: a missing or doubled add shows
+    args = (x, qweight, scales, bias, group, bits, k, residual, prologue, norm_weight, 1e-5)
+    kw = dict(path=path) if path else dict(split_k=split_k, config=dict(block_k=32, fused_reduce=fused))
+    got = qt.quant_linear_triton(*args, **kw)
+    torch.testing.assert_close(got, quant_linear_reference(*args), atol=5e-5, rtol=5e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("m, prologue, fused", [(8, "rms_norm", False), (8, "none", True), (16, "gated_silu", False)])
+def test_gpu_residual_batched(m, prologue, fused, bits, monkeypatch):
+    """Batched decode with a folded residual (fold_quant_linear): bf16, llama shapes, the split-K
+    reduction adding it, as fxopt runs batch 8 and 16."""
+    qt.register()
+    monkeypatch.setattr(qt, "_COUNTERS", {})
+    n, k, group, dtype = 4096, 4096, 128, torch.bfloat16
+    x, qweight, scales, _ = make_case(m, n, k, group, bits, dtype, bias=False, device="cuda")
+    if prologue.startswith("gated_"):
+        x = torch.randn(m, 2 * k, device="cuda", dtype=dtype)
+    norm_weight = torch.rand(k, device="cuda", dtype=dtype) + 0.5 if prologue == "rms_norm" else None
+    residual = torch.randn(m, n, device="cuda", dtype=dtype)
+    args = (x, qweight, scales, None, group, bits, k, residual, prologue, norm_weight, 1e-5)
+    got = qt.quant_linear_triton(*args, config=dict(fused_reduce=fused))
+    expected = quant_linear_reference(*(a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                                        for a in args))
+    torch.testing.assert_close(got.float(), expected, **TOL[dtype])

@@ -480,7 +480,8 @@ def _store_output(Y, BIAS, acc, offs_m, offs_n, M, N, stride_ym, HAS_BIAS: tl.co
 
 @_jit
 def _store_split(Y, BIAS, PART, CNT, acc, offs_m, offs_n, M, N, stride_ym, pid_n, split, n_splits,
-                 HAS_BIAS: tl.constexpr, FUSED_REDUCE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                 HAS_BIAS: tl.constexpr, FUSED_REDUCE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 RES=None, HAS_RES: tl.constexpr = False):
     """Split-K epilogue: this split's fp32 partial into PART[split, M, N]; with FUSED_REDUCE the
     last program of the N block to arrive also sums all partials in split order into Y."""
     mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
@@ -496,7 +497,7 @@ def _store_split(Y, BIAS, PART, CNT, acc, offs_m, offs_n, M, N, stride_ym, pid_n
             for s in range(0, n_splits):  # split order, whichever program came last: deterministic
                 # .cg: from L2, past this SM's (incoherent) L1.
                 total += tl.load(p_ptrs + s * M * N, mask=mask, other=0.0, cache_modifier=".cg")
-            _store_output(Y, BIAS, total, offs_m, offs_n, M, N, stride_ym, HAS_BIAS)
+            _store_output(Y, BIAS, total, offs_m, offs_n, M, N, stride_ym, HAS_BIAS, RES, HAS_RES)
             tl.atomic_xchg(CNT + pid_n, 0)  # ready for the next launch
 
 
@@ -517,9 +518,9 @@ def _decode_kernel(
     """All M (<= BLOCK_M) rows of x times BLOCK_N weight rows, over one split of K.
 
     ``k_per_split`` is a multiple of BLOCK_K, so no block straddles two splits and K is the only
-    ragged edge. Without SPLIT the kernel writes Y (with the bias); with it, fp32 partials.
-    M = 1 without SPLIT may fold a prologue (PROLOGUE 1: rms_norm with weight G, 2: gated
-    activation ACT over X = [gate | up]) and a residual RES, as ``linear_triton`` does.
+    ragged edge. Without SPLIT the kernel writes Y (with the bias and the residual RES); with it,
+    fp32 partials (the reduction adds them). M = 1 without SPLIT may fold a prologue (PROLOGUE 1:
+    rms_norm with weight G, 2: gated activation ACT over X = [gate | up]), as ``linear_triton`` does.
     PDL (triton_env): waits for the kernel before (which wrote X, RES) before reading anything."""
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
@@ -571,18 +572,19 @@ def _decode_kernel(
 
     if SPLIT:
         _store_split(Y, BIAS, PART, CNT, acc, offs_m, offs_n, M, N, stride_ym, pid_n, split, n_splits,
-                     HAS_BIAS, FUSED_REDUCE, BLOCK_M, BLOCK_N)
+                     HAS_BIAS, FUSED_REDUCE, BLOCK_M, BLOCK_N, RES, HAS_RES)
     else:
         _store_output(Y, BIAS, acc, offs_m, offs_n, M, N, stride_ym, HAS_BIAS, RES, HAS_RES)
 
 
 @_jit_kernel("M", "n_splits")
 def _split_k_reduce_kernel(
-    PART, BIAS, Y, M, N, stride_ym, n_splits,
+    PART, BIAS, Y, RES, M, N, stride_ym, n_splits,
     HAS_BIAS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr = 0,
+    HAS_RES: tl.constexpr = False,
 ):
-    """Y[m, n-block] = sum over the n_splits (<= BLOCK_S) splits of PART[:, m, n-block] (+ bias), in
-    a fixed order."""
+    """Y[m, n-block] = sum over the n_splits (<= BLOCK_S) splits of PART[:, m, n-block] (+ bias)
+    (+ the residual RES, laid out as Y), in a fixed order."""
     pdl_wait(PDL)
     pdl_trigger(PDL)
     m = tl.program_id(0)
@@ -591,7 +593,7 @@ def _split_k_reduce_kernel(
     p = tl.load(PART + (offs_s[:, None] * M + m) * N + offs_n[None, :],
                 mask=(offs_s < n_splits)[:, None] & (offs_n < N)[None, :], other=0.0)
     acc = tl.sum(p, axis=0)[None, :]
-    _store_output(Y, BIAS, acc, m + tl.arange(0, 1), offs_n, M, N, stride_ym, HAS_BIAS)
+    _store_output(Y, BIAS, acc, m + tl.arange(0, 1), offs_n, M, N, stride_ym, HAS_BIAS, RES, HAS_RES)
 
 
 @_jit_kernel("M", "stride_sn")
@@ -790,9 +792,8 @@ def _split_counters(device: torch.device, n: int) -> Tensor | None:
 def _decode(x2, qweight, scales, bias, y2, group_size, bits, in_features, split_k, config,
             residual2=None, prologue="none", norm_weight=None, eps=0.0):
     m, n = y2.shape
-    folded = prologue != "none" or residual2 is not None
-    if folded:
-        split_k = 1  # a norm needs the whole row, the residual is added once
+    if prologue != "none":
+        split_k = 1  # a norm needs the whole row (the residual is added by whoever writes y2)
     if prologue != "none" and config is None:
         # Every program computes the prologue over all of K: more rows a program amortize it (the
         # int8 GEMV has few instructions to spare per weight, see the module docstring).
@@ -820,9 +821,10 @@ def _decode(x2, qweight, scales, bias, y2, group_size, bits, in_features, split_
     )
     if split_k > 1 and counters is None:
         _split_k_reduce_kernel[(m, triton.cdiv(n, REDUCE_BLOCK_N))](
-            partials, bias if bias is not None else x2, y2, m, n, y2.stride(0), split_k,
+            partials, bias if bias is not None else x2, y2, residual2 if residual2 is not None else x2,
+            m, n, y2.stride(0), split_k,
             HAS_BIAS=bias is not None, BLOCK_S=_pow2(split_k), BLOCK_N=REDUCE_BLOCK_N, PDL=pdl,
-            num_warps=4, launch_pdl=pdl > 0,
+            HAS_RES=residual2 is not None, num_warps=4, launch_pdl=pdl > 0,
         )
 
 
@@ -956,8 +958,9 @@ def quant_linear_triton(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor
     """``quant_linear_reference`` on the Triton kernels (CUDA tensors, or CPU tensors under
     ``TRITON_INTERPRET=1``). No host sync: safe to capture in a CUDA graph.
 
-    A prologue and a residual (``fold_linear``) run inside the decode kernel for one row; for more
-    rows the prologue's own kernel runs first and the residual is added after.
+    A prologue (``fold_linear``) runs inside the decode kernel for one row; for more rows the
+    prologue's own kernel runs first. The residual is added where the output is written (the decode
+    kernel or its split-K reduction), and after the prefill paths.
 
     ``out`` (contiguous, ``[*x.shape[:-1], out_features]``, ``x.dtype``) is written instead of a new
     tensor. For tests and tuning: ``path`` ("decode", "prefill" or "dequant") overrides
@@ -973,15 +976,17 @@ def quant_linear_triton(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor
     if not supported(x, qweight, scales, bias, group_size, bits, in_features, residual, prologue, norm_weight):
         raise ValueError("quant_linear_triton: unsupported arguments (see supported()); use the reference")
     m = x.numel() // x.shape[-1]
-    folded = prologue != "none" or residual is not None
-    if folded and (m != 1 or (path or default_path(m)) != "decode"):
+    path = default_path(m) if path is None else path
+    if prologue != "none" and (m != 1 or path != "decode"):  # the decode kernel folds it for one row
         if prologue == "rms_norm":
             x = torch.ops.fxopt.rms_norm(x, norm_weight, eps)
-        elif gated_kind(prologue):
+        else:
             x = torch.ops.fxopt.gated_act(x, gated_kind(prologue))
+        prologue = "none"
+    if residual is not None and path != "decode":
         y = quant_linear_triton(x, qweight, scales, bias, group_size, bits, in_features, out=out, path=path,
                                 split_k=split_k, config=config)
-        return y if residual is None else y.add_(residual)
+        return y.add_(residual)
     out_features = qweight.shape[0]
     shape = (*x.shape[:-1], out_features)
     if out is None:
@@ -996,7 +1001,6 @@ def quant_linear_triton(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor
     y2 = out.view(-1, out_features)
     qweight, scales = _unit_last_stride(qweight), _unit_last_stride(scales)
     bias = bias.contiguous() if bias is not None else None
-    path = default_path(x2.shape[0]) if path is None else path
     if path == "decode":
         residual2 = residual.reshape(-1, out_features).contiguous() if residual is not None else None
         _decode(x2, qweight, scales, bias, y2, group_size, bits, in_features, split_k, config, residual2,

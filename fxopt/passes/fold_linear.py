@@ -35,9 +35,9 @@ A linear after an all-reduce (tensor parallelism) is not followed by its add dir
 residual is never added before the reduction.
 
 ``quant_linear`` nodes fold only with the option ``fold_quant_linear=True``: their decode kernel
-takes the same prologue and epilogue, but the INT8 GEMV has few instructions to spare per weight,
-and on an H200 (2026-11-27) folding made the llama2-7b INT8 step slower (3.02 ms against 2.86 ms
-at batch 1; llama-1b 0.902 against 0.896 ms). Around an unfolded ``quant_linear``, rule 4 keeps the
+takes the same prologue and epilogue, but on an H200 (2026-11-27) folding made the llama2-7b INT8
+step slower (3.02 ms against 2.86 ms at batch 1; llama-1b 0.902 against 0.896 ms), and on an H100
+(2026-12-07) it helped only the llama-1b shape at batch 1 (docs/performance.md). Around an unfolded ``quant_linear``, rule 4 keeps the
 residual add and the norm after it one kernel. ``unfold_linears`` is the inverse of rules 1-3 for ``fxopt.linear``,
 for a pass that meets them and knows only plain linears (``quantize`` on an already folded graph
 unfolds, quantizes and folds again).
