@@ -494,7 +494,7 @@ def test_folded_prologue_and_residual(m, k, group, prologue, bits):
     (1, None, False, "prefill", "rms_norm"),  # a prefill path for one row: norm and add around it
     (3, None, False, "dequant", "none"),
 ])
-def test_residual_added_once(m, split_k, fused, path, prologue, bits):
+def test_residual_added_once(m, split_k, fused, path, prologue, bits, monkeypatch):
     """The residual is added exactly once wherever the output is written: the decode kernel, the
     split-K reduce kernel, the fused reduction, or after a prefill path (and a prologue at any M)."""
     n, k, group = 37, 576, 64  # 18 blocks of 32: room for 3 splits
@@ -506,8 +506,10 @@ def test_residual_added_once(m, split_k, fused, path, prologue, bits):
     residual = (10 * torch.randn(m, n, generator=g)).to(DEVICE)  # large: a missing or doubled add shows
     args = (x, qweight, scales, bias, group, bits, k, residual, prologue, norm_weight, 1e-5)
     kw = dict(path=path) if path else dict(split_k=split_k, config=dict(block_k=32, fused_reduce=fused))
+    monkeypatch.setattr(qt, "_COUNTERS", {})
     got = qt.quant_linear_triton(*args, **kw)
     torch.testing.assert_close(got, quant_linear_reference(*args), atol=5e-5, rtol=5e-5)
+    assert bool(qt._COUNTERS) == fused, "the fused reduction did not run" if fused else "unexpected fused reduction"
 
 
 @pytest.mark.gpu
