@@ -41,7 +41,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from fxopt.kernels import triton_env
+from fxopt.kernels import quant_triton, triton_env
 
 CONFIGS = {
     "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
@@ -51,7 +51,7 @@ CONFIGS = {
 }
 DEV = "cuda"
 DEFAULT_PREFETCH_L2 = triton_env.PREFETCH_L2_FRACTION
-DEFAULT_INT8_TILES = None  # quant_triton.DECODE_TILES[8] as fxopt ships it, kept by main()
+DEFAULT_INT8_TILES = quant_triton.DECODE_TILES[8]
 # fxopt pipelines the benchmark can run: (passes, options); passes None: fxopt's default pipeline
 PREFETCH = ["canonicalize", "kv_cache", "fuse", "fold_linear", "prefetch", "dce", "cuda_graph"]
 VARIANTS = {
@@ -193,15 +193,13 @@ def parse_gemv(text: str) -> dict:
 def set_int8_gemv(overrides: dict | None) -> None:
     """Apply ``overrides`` to the one-row INT8 entry of quant_triton's DECODE_TILES (None: restore it).
     Read at launch, so it holds for everything captured under it."""
-    from fxopt.kernels import quant_triton as qt
     (max_m, tiles), *rest = DEFAULT_INT8_TILES
-    qt.DECODE_TILES[8] = ((max_m, {**tiles, **(overrides or {})}), *rest)
+    quant_triton.DECODE_TILES[8] = ((max_m, {**tiles, **(overrides or {})}), *rest)
 
 
 def set_pdl(mode: str | None) -> None:
     """Set triton_env's PDL mode (None: its default). Kernels read it at launch, so a mode holds
     for everything compiled and captured under it."""
-    from fxopt.kernels import triton_env
     triton_env.PDL_MODE = mode or os.environ.get("FXOPT_PDL", "on")
 
 
@@ -349,12 +347,9 @@ def main():
                              "DECODE_TILES entry, e.g. convert=i2f,block_n=16 (rows named variant[setting])")
     parser.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "decode.json"))
     args = parser.parse_args()
-    global DEFAULT_INT8_TILES
-    from fxopt.kernels import quant_triton as qt
-    DEFAULT_INT8_TILES = qt.DECODE_TILES[8]
     for overrides in args.int8_gemv or []:
         try:  # bad keys and values fail here, not mid-run
-            qt.decode_plan(1, 4096, 4096, 128, torch.device("cpu"), config=overrides)
+            quant_triton.decode_plan(1, 4096, 4096, 128, torch.device("cpu"), config=overrides)
         except ValueError as e:
             parser.error(f"--int8-gemv: {e}")
     if not torch.cuda.is_available():

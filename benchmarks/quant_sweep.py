@@ -52,7 +52,7 @@ def gemv_grid(bits: int, quick: bool) -> list[dict]:
     conversion, the run length and split policy around the default, and the tensor-core kernel
     (dot=True)."""
     wide = 2 if bits == 4 else 1  # int4: twice the features for the same bytes
-    converts = ("cast", "magic") if bits == 4 else ("magic", "i2f", "mixed")  # int4: i2f / mixed run as magic
+    converts = ("cast", "magic") if bits == 4 else ("cast", "magic", "i2f", "mixed")  # int4: i2f / mixed are magic
     if quick:
         tiles = [(16, 512 * wide), (16, 1024 * wide), (32, 512 * wide)]
         stages = [(4, 2), (4, 3)]

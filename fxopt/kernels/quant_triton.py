@@ -708,8 +708,10 @@ def _convert(convert: str, use_dot: bool, bits: int) -> str:
     PTX conversion ("magic" instead) and the interpreter runs no PTX (the cast the PTX equals)."""
     if use_dot:
         return "cast"
-    if convert in ("i2f", "mixed") and (bits == 4 or INTERPRET):
-        return "magic" if bits == 4 else "cast"
+    if convert in ("i2f", "mixed") and bits == 4:
+        return "magic"
+    if convert in ("i2f", "mixed") and INTERPRET:
+        return "cast"
     return convert
 
 
