@@ -23,7 +23,10 @@ Llama-architecture models with random bf16 weights shaped like the anchors in AN
 ``--prefetch-l2 0.25 0.5`` likewise once per share of the L2 a prefetch may fill (rows ``fxopt@0.25``).
 ``--int8-gemv convert=i2f convert=mixed,block_n=16`` runs every INT8 variant once per setting of the
 one-row INT8 GEMV (overrides of ``DECODE_TILES`` in ``fxopt/kernels/quant_triton.py``; rows named
-``fxopt-int8[convert=i2f]``).
+``fxopt-int8[convert=i2f]``). ``--gemv trigger_steps=1,preload=1024`` likewise runs every variant once
+per setting of the one-row bf16/fp16 GEMV (``DECODE_TILES`` in ``fxopt/kernels/linear_triton.py``;
+rows named ``fxopt{trigger_steps=1,preload=1024}``), and ``--attn-preload 0 64`` once per count of
+cache slots each decode attention program warms the L2 with before its PDL wait (rows ``fxopt+ap64``).
 
 Columns: ms per decoded token, tokens/s (batch × 1000 / ms), percent of the bandwidth floor
 (weight + KV bytes read per step ÷ device-to-device copy bandwidth measured in the same run),
@@ -41,7 +44,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from fxopt.kernels import quant_triton, triton_env
+from fxopt.kernels import attention_triton, linear_triton, quant_triton, triton_env
 
 CONFIGS = {
     "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
@@ -52,6 +55,8 @@ CONFIGS = {
 DEV = "cuda"
 DEFAULT_PREFETCH_L2 = triton_env.PREFETCH_L2_FRACTION
 DEFAULT_INT8_TILES = quant_triton.DECODE_TILES[8]
+DEFAULT_GEMV_TILES = dict(linear_triton.DECODE_TILES)
+DEFAULT_ATTN_PRELOAD = attention_triton.DECODE_PRELOAD_SLOTS
 # fxopt pipelines the benchmark can run: (passes, options); passes None: fxopt's default pipeline
 PREFETCH = ["canonicalize", "kv_cache", "fuse", "fold_linear", "prefetch", "dce", "cuda_graph"]
 VARIANTS = {
@@ -185,7 +190,7 @@ def parse_gemv(text: str) -> dict:
     for item in filter(None, text.split(",")):
         key, sep, value = item.partition("=")
         if not sep:
-            raise argparse.ArgumentTypeError(f"--int8-gemv: expected KEY=VALUE, got {item!r}")
+            raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {item!r}")
         overrides[key.strip()] = int(value) if value.strip().lstrip("-").isdigit() else value.strip()
     return overrides
 
@@ -195,6 +200,13 @@ def set_int8_gemv(overrides: dict | None) -> None:
     Read at launch, so it holds for everything captured under it."""
     (max_m, tiles), *rest = DEFAULT_INT8_TILES
     quant_triton.DECODE_TILES[8] = ((max_m, {**tiles, **(overrides or {})}), *rest)
+
+
+def set_gemv(overrides: dict | None) -> None:
+    """Apply ``overrides`` to linear_triton's DECODE_TILES, the one-row bf16/fp16 GEMV (None: restore
+    it). Read at launch, so it holds for everything captured under it."""
+    linear_triton.DECODE_TILES.clear()
+    linear_triton.DECODE_TILES.update({**DEFAULT_GEMV_TILES, **(overrides or {})})
 
 
 def set_pdl(mode: str | None) -> None:
@@ -245,9 +257,10 @@ def run_model(name, args, ceil, rows, prefills):
         add("hf-eager", batch, hf_decode(model, model.forward, batch, args.prompt, args.new), peak=peak_gb())
 
     import fxopt
-    runs = [(v, p, f, g) for v in args.variants for p in (args.pdl or [None]) for f in (args.prefetch_l2 or [None])
-            for g in (args.int8_gemv if args.int8_gemv and "int8" in v else [None])]
-    for system, pdl, fraction, gemv in runs:
+    runs = [(v, p, f, g, b, a) for v in args.variants for p in (args.pdl or [None]) for f in (args.prefetch_l2 or [None])
+            for g in (args.int8_gemv if args.int8_gemv and "int8" in v else [None]) for b in (args.gemv or [None])
+            for a in (args.attn_preload or [None])]
+    for system, pdl, fraction, gemv, bf16_gemv, attn_preload in runs:
         passes, options = VARIANTS[system]
         if pdl is not None:
             system = f"{system}/{pdl}"
@@ -255,10 +268,16 @@ def run_model(name, args, ceil, rows, prefills):
             system = f"{system}@{fraction:g}"
         if gemv is not None:
             system = f"{system}[{','.join(f'{k}={v}' for k, v in gemv.items())}]"
+        if bf16_gemv is not None:
+            system = f"{system}{{{','.join(f'{k}={v}' for k, v in bf16_gemv.items())}}}"
+        if attn_preload is not None:
+            system = f"{system}+ap{attn_preload}"
         try:
             set_pdl(pdl)
             set_prefetch_l2(fraction)
             set_int8_gemv(gemv)
+            set_gemv(bf16_gemv)
+            attention_triton.DECODE_PRELOAD_SLOTS = DEFAULT_ATTN_PRELOAD if attn_preload is None else attn_preload
             torch.cuda.reset_peak_memory_stats()
             t0 = time.perf_counter()
             compiled = fxopt.compile(model, passes=passes, max_batch_size=max_batch, max_seq_len=seq, **options)
@@ -276,6 +295,8 @@ def run_model(name, args, ceil, rows, prefills):
         set_pdl(None)
         set_prefetch_l2(None)
         set_int8_gemv(None)
+        set_gemv(None)
+        attention_triton.DECODE_PRELOAD_SLOTS = DEFAULT_ATTN_PRELOAD
         gc.collect()
         torch.cuda.empty_cache()
     flops = 2 * sum(p.numel() for n, p in model.named_parameters() if "embed" not in n) * args.prefill
@@ -312,14 +333,15 @@ def save(args, ceil, rows, prefills):
 
 
 def table(rows, prefills) -> str:
-    head = (f"{'model':<10} {'system':<22} {'batch':>5} {'ms/tok':>8} {'tok/s':>9} {'floor ms':>8} {'%floor':>7} "
+    w = max([22] + [len(r["system"]) for r in rows])
+    head = (f"{'model':<10} {'system':<{w}} {'batch':>5} {'ms/tok':>8} {'tok/s':>9} {'floor ms':>8} {'%floor':>7} "
             f"{'compile s':>9} {'peak GB':>8}")
     lines = [head, "-" * len(head)]
     for r in sorted((r for r in rows if "error" not in r), key=lambda r: (r["model"], r["batch"], r["system"])):
-        lines.append(f"{r['model']:<10} {r['system']:<22} {r['batch']:>5} {r['ms_per_token']:>8.3f} "
+        lines.append(f"{r['model']:<10} {r['system']:<{w}} {r['batch']:>5} {r['ms_per_token']:>8.3f} "
                      f"{r['tokens_per_s']:>9.1f} {r['floor_ms']:>8.3f} {r['pct_of_floor']:>6.1f}% "
                      f"{r['compile_s'] if r['compile_s'] is not None else '-':>9} {r['peak_GB'] or '-':>8}")
-    lines += [f"{r['model']:<10} {r['system']:<22} ERROR {r['error'][:150]}" for r in rows if "error" in r]
+    lines += [f"{r['model']:<10} {r['system']:<{w}} ERROR {r['error'][:150]}" for r in rows if "error" in r]
     lines += ["", f"{'prefill':<10} {'tokens':>6} {'hf-eager ms':>11} {'fxopt ms':>9} {'matmul floor ms':>15}"]
     for p in prefills:
         lines.append(f"{p['model']:<10} {p['tokens']:>6} {p['hf_eager_ms']:>11} {p['fxopt_ms']:>9} {p['matmul_floor_ms']:>15}")
@@ -345,6 +367,14 @@ def main():
     parser.add_argument("--int8-gemv", nargs="+", type=parse_gemv, default=None, metavar="KEY=VAL,...",
                         help="run each INT8 variant once per one-row GEMV setting: overrides of quant_triton's "
                              "DECODE_TILES entry, e.g. convert=i2f,block_n=16 (rows named variant[setting])")
+    parser.add_argument("--gemv", nargs="+", type=parse_gemv, default=None, metavar="KEY=VAL,...",
+                        help="run each variant once per setting of the one-row bf16/fp16 GEMV: overrides of "
+                             "linear_triton's DECODE_TILES, e.g. trigger_steps=1,preload=1024 (rows named "
+                             "variant{setting})")
+    parser.add_argument("--attn-preload", nargs="+", type=int, default=None, metavar="SLOTS",
+                        help="run each variant once per count of cache slots a decode attention program "
+                             "prefetches into L2 before its PDL wait (attention_triton.DECODE_PRELOAD_SLOTS; "
+                             "0 or a power of two; rows named variant+apSLOTS)")
     parser.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "decode.json"))
     args = parser.parse_args()
     for overrides in args.int8_gemv or []:
@@ -352,6 +382,18 @@ def main():
             quant_triton.decode_plan(1, 4096, 4096, 128, torch.device("cpu"), config=overrides)
         except ValueError as e:
             parser.error(f"--int8-gemv: {e}")
+    for slots in args.attn_preload or []:
+        if slots < 0 or slots & (slots - 1):
+            parser.error(f"--attn-preload: 0 or a power of two, got {slots}")
+    for overrides in args.gemv or []:
+        unknown = set(overrides) - set(DEFAULT_GEMV_TILES)
+        if unknown:
+            parser.error(f"--gemv: unknown keys {sorted(unknown)}; known: {sorted(DEFAULT_GEMV_TILES)}")
+        tiles = {**DEFAULT_GEMV_TILES, **overrides}
+        try:
+            triton_env.check_pdl_knobs(tiles["trigger_steps"], tiles["preload"], "--gemv")
+        except ValueError as e:
+            parser.error(str(e))
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/decode.py needs a CUDA GPU")
     ceil = ceilings()

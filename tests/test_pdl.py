@@ -148,3 +148,50 @@ def test_generation_is_the_same_with_and_without_pdl(passes, monkeypatch):
         tokens[mode] = compiled.generate(ids, max_new_tokens=20)
         tokens[mode + "-b1"] = compiled.generate(ids[:1], max_new_tokens=20)
     assert torch.equal(tokens["on"], tokens["off"]) and torch.equal(tokens["on-b1"], tokens["off-b1"])
+
+
+# --------------------------------------------------------------------------------------------- #
+# The GEMVs' PDL knobs: trigger_steps (trigger inside the K loop), preload (L2 before the wait)
+# --------------------------------------------------------------------------------------------- #
+
+@pytest.mark.parametrize("trigger_steps, preload", [(-1, 0), (1.5, 0), (0, 64), (0, 384), (0, "1k")])
+def test_bad_pdl_knobs_are_named(trigger_steps, preload):
+    with pytest.raises(ValueError, match="trigger_steps" if trigger_steps in (-1, 1.5) else "preload"):
+        triton_env.check_pdl_knobs(trigger_steps, preload, "test")
+
+
+def test_quant_config_rejects_bad_pdl_knobs():
+    from fxopt.kernels import quant_triton
+    with pytest.raises(ValueError, match="quant_linear_triton: preload"):
+        quant_triton.decode_plan(1, 64, 64, 32, torch.device("cpu"), config=dict(preload=100))
+    plan = quant_triton.decode_plan(1, 64, 64, 32, torch.device("cpu"), config=dict(trigger_steps=2, preload=1024))
+    assert (plan["trigger_steps"], plan["preload"]) == (2, 1024)
+
+
+def _set_pdl_knobs(monkeypatch, trigger_steps, preload, attn_slots):
+    """The knobs on every one-row GEMV (linear_triton's tiles and quant_triton's one-row INT8 entry)
+    and the decode attention's preload."""
+    from fxopt.kernels import attention_triton, linear_triton, quant_triton
+    monkeypatch.setattr(attention_triton, "DECODE_PRELOAD_SLOTS", attn_slots)
+    monkeypatch.setitem(linear_triton.DECODE_TILES, "trigger_steps", trigger_steps)
+    monkeypatch.setitem(linear_triton.DECODE_TILES, "preload", preload)
+    (max_m, tiles), *rest = quant_triton.DECODE_TILES[8]
+    monkeypatch.setitem(quant_triton.DECODE_TILES, 8,
+                        ((max_m, {**tiles, "trigger_steps": trigger_steps, "preload": preload}), *rest))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("trigger_steps, preload, attn_slots", [(1, 0, 0), (0, 1024, 64), (2, 2048, 16), (50, 128, 128)])
+def test_the_chain_is_the_same_with_the_pdl_knobs(trigger_steps, preload, attn_slots, monkeypatch):
+    """Triggering the next kernel inside the K loop (50: before the first step) and warming the L2
+    with weights and cache slots before the wait change when things run, never what they compute:
+    bit for bit the chain without PDL (cache positions up to its last slot)."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("PDL needs compute capability 9.0")
+    gen = torch.Generator().manual_seed(2)
+    steps = [(torch.randn(1, HIDDEN, generator=gen).to("cuda", torch.bfloat16), p) for p in (7, 128, CACHE - 1)]
+    base, _ = _captured_chain("off", monkeypatch, torch.bfloat16, steps)
+    _set_pdl_knobs(monkeypatch, trigger_steps, preload, attn_slots)
+    got, _ = _captured_chain("on", monkeypatch, torch.bfloat16, steps)
+    for a, b in zip(got, base):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

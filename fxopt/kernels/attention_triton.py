@@ -61,7 +61,7 @@ from .rotary_triton import rotary_triton, supported as rotary_supported
 from .triton_env import INTERPRET, PREFETCH_CHUNKS, jit as _jit, pdl_code, prefetch_plan, tl, triton
 
 if triton is not None:
-    from .triton_env import l2_prefetch, pdl_trigger, pdl_wait
+    from .triton_env import l2_prefetch, l2_prefetch_rows, pdl_trigger, pdl_wait
 
 LOG2E = 1.4426950408889634
 NO_WINDOW = 1 << 30  # window 0 means "no window": a window wider than any cache
@@ -73,6 +73,9 @@ DECODE_BLOCK_N = 64
 DECODE_NUM_WARPS = 4
 DECODE_NUM_STAGES = 3
 DECODE_WAVES = 1  # decode programs to aim for, per SM (the split count follows from it)
+# PDL (triton_env): cache slots of its split a decode program prefetches into L2 (K and V rows)
+# before its wait -- the slots before the new token are constants by then. A power of two; 0: none.
+DECODE_PRELOAD_SLOTS = 0
 # (A merge by the last split to finish, on arrival counters, instead of _combine_kernel measured
 # within noise of it on an H200, 2026-11-27: llama2-7b 3.799 vs 3.817 ms, llama-1b 1.001 vs
 # 0.991 ms a token at batch 1. The merge's serial tail costs what the launch saved.)
@@ -136,21 +139,42 @@ def _decode_kernel(
     GROUP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, NUM_SPLITS: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     DOT_PRECISION: tl.constexpr, ROTARY: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr,
-    PF_CHUNKS: tl.constexpr = 1,
+    PF_CHUNKS: tl.constexpr = 1, PRELOAD_SLOTS: tl.constexpr = 0, K_LINES: tl.constexpr = 128,
+    V_LINES: tl.constexpr = 128,
 ):
     """One (row b, kv head h, split): all GROUP query heads of h over this split's share of the cache.
     With ROTARY, q and the new k are rotated here, from COS/SIN [B, 1, D] (see ``_rotate``).
     PDL (triton_env): waits for the kernel before it (which wrote q, k, v) before reading anything.
     PREFETCH (triton_env.l2_prefetch): first, this program's share of ``pf_total`` bytes at PF goes
-    to L2 -- a constant weight, so before the wait."""
+    to L2 -- a constant weight, so before the wait. PRELOAD_SLOTS: so do the first PRELOAD_SLOTS
+    cache slots of this program's split, K and V rows (written by earlier steps; the positions were
+    written before the kernel before this one waited, and PDL keeps two kernels in flight at most),
+    K_LINES / V_LINES bytes a row (a row's bytes rounded up to a power of two from 128)."""
     if PREFETCH:
         program = (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(2) + tl.program_id(2)
         l2_prefetch(PF, program, pf_total, pf_chunk, PF_CHUNKS)
-    pdl_wait(PDL)
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     split = tl.program_id(2)
     heads_q = tl.num_programs(1) * GROUP
+    # Visible cache slots: [lo, end), then the new token at slot pos. Split s takes the s-th chunk of
+    # [lo, end), chunks rounded up to BLOCK_N so that only the last block of a chunk is ragged.
+    pos = tl.load(POS + b * sp_b).to(tl.int32)
+    end = tl.minimum(pos, max_seq)
+    lo = tl.maximum(pos - window + 1, 0)
+    n_slots = tl.maximum(end - lo, 0)
+    chunk = tl.cdiv(tl.cdiv(n_slots, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = lo + split * chunk
+    stop = tl.minimum(start + chunk, end)
+    kc_base = KC + b * skc_b + h * skc_h
+    vc_base = VC + b * svc_b + h * svc_h
+    if PDL and PRELOAD_SLOTS > 0:
+        slots = start + tl.arange(0, PRELOAD_SLOTS)
+        slots = tl.where(slots < stop, slots, start)  # past the split: its first slot again
+        ELT: tl.constexpr = KC.dtype.element_ty.primitive_bitwidth // 8
+        l2_prefetch_rows(kc_base.to(tl.pointer_type(tl.int8)), slots, max_seq, skc_s * ELT, D * ELT, K_LINES)
+        l2_prefetch_rows(vc_base.to(tl.pointer_type(tl.int8)), slots, max_seq, svc_s * ELT, DV * ELT, V_LINES)
+    pdl_wait(PDL)
 
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
@@ -171,22 +195,10 @@ def _decode_kernel(
         q = _rotate(q, q_pair, cos[None, :], sin[None, :], first[None, :], Q.dtype.element_ty)
     q = q.to(KC.dtype.element_ty)  # tl.dot wants both operands in one dtype
 
-    # Visible cache slots: [lo, end), then the new token at slot pos. Split s takes the s-th chunk of
-    # [lo, end), chunks rounded up to BLOCK_N so that only the last block of a chunk is ragged.
-    pos = tl.load(POS + b * sp_b).to(tl.int32)
-    end = tl.minimum(pos, max_seq)
-    lo = tl.maximum(pos - window + 1, 0)
-    n_slots = tl.maximum(end - lo, 0)
-    chunk = tl.cdiv(tl.cdiv(n_slots, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    start = lo + split * chunk
-    stop = tl.minimum(start + chunk, end)
-
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)  # running max of the scores (log2 units)
     l_i = tl.zeros([BLOCK_G], tl.float32)  # running sum of exp2(score - m_i)
     acc = tl.zeros([BLOCK_G, BLOCK_DV], tl.float32)  # running sum of exp2(score - m_i) * v
 
-    kc_base = KC + b * skc_b + h * skc_h
-    vc_base = VC + b * svc_b + h * svc_h
     for n0 in range(start, stop, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < stop
@@ -395,7 +407,8 @@ def _decode(q, k, v, k_cache, v_cache, positions, out, scale, window, num_splits
         GROUP=group, D=dim, DV=dim_v, NUM_SPLITS=num_splits,
         BLOCK_G=block_g, BLOCK_N=DECODE_BLOCK_N, BLOCK_D=block_d, BLOCK_DV=block_dv,
         DOT_PRECISION=_dot_precision(k_cache.dtype), ROTARY=rotary, PDL=pdl, PREFETCH=pf_total > 0,
-        PF_CHUNKS=PREFETCH_CHUNKS,
+        PF_CHUNKS=PREFETCH_CHUNKS, PRELOAD_SLOTS=DECODE_PRELOAD_SLOTS if pdl else 0,
+        K_LINES=_pow2(dim * k_cache.element_size(), 128), V_LINES=_pow2(dim_v * v_cache.element_size(), 128),
         num_warps=DECODE_NUM_WARPS, num_stages=DECODE_NUM_STAGES, launch_pdl=pdl > 0,
         # No FMA contraction with rotary: it would skip the roundings _rotate repeats from the
         # reference (as in rotary_triton).

@@ -42,14 +42,20 @@ from torch import Tensor
 
 from .linear import apply_prologue, check_prologue, gated_kind, linear, linear_reference
 
-from .triton_env import PREFETCH_CHUNKS, PREFETCH_TAIL_BYTES, jit as _jit, pdl_code, prefetch_plan, tl, triton
+from .triton_env import PREFETCH_CHUNKS, PREFETCH_TAIL_BYTES, check_pdl_knobs, jit as _jit, pdl_code, prefetch_plan, tl, triton
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # Tiles: BLOCK_N output features x BLOCK_K input features a step. From the H200 sweep in
 # benchmark() (bf16, llama2-7b / llama-1b shapes, 19 settings): 8 x 512, 3 stages, 4 warps was within
 # 3 % of each shape's best but one (llama-1b's down projection: 11.9 us against 10.9 with 8 x 1024).
-DECODE_TILES = dict(block_n=8, block_k=512, num_warps=4, num_stages=3)
+DECODE_TILES = dict(block_n=8, block_k=512, num_warps=4, num_stages=3, trigger_steps=0, preload=0)
+# The two PDL knobs (triton_env; both no-ops without PDL):
+#   trigger_steps  let the next kernel launch this many K steps before the end of the loop (0:
+#                  after the loop), so that it is resident -- and warming its weights -- while
+#                  this one streams its last steps
+#   preload        bytes of each of the program's weight rows prefetched into L2 before the PDL
+#                  wait (a multiple of 128; 0: none)
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -58,7 +64,7 @@ DECODE_TILES = dict(block_n=8, block_k=512, num_warps=4, num_stages=3)
 
 if triton is not None:
     from .activation_triton import _activation
-    from .triton_env import l2_prefetch, pdl_trigger, pdl_wait
+    from .triton_env import l2_prefetch, l2_prefetch_rows, pdl_trigger, pdl_trigger_at, pdl_wait
 
 
 @_jit
@@ -92,11 +98,14 @@ def _decode_kernel(
     PROLOGUE: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
     PDL: tl.constexpr, PREFETCH: tl.constexpr = False, PF_CHUNKS: tl.constexpr = 1,
+    TRIGGER_STEPS: tl.constexpr = 0, PRELOAD: tl.constexpr = 0,
 ):
     """Y[n-block] = epilogue(prologue(X) . W[n-block]^T) for one row X, over all of K.
 
     PROLOGUE: 0 none, 1 rms_norm (G its weight), 2 gated activation ACT over X = [gate | up].
-    PDL (triton_env): waits for the kernel before (which wrote X, RES) before reading anything.
+    PDL (triton_env): waits for the kernel before (which wrote X, RES) before reading anything
+    but its own weight rows, whose first PRELOAD bytes it may prefetch into L2 first; triggers the
+    next kernel TRIGGER_STEPS K steps before the end of its loop (0: after it).
     PREFETCH (triton_env.l2_prefetch): after its loop, the program prefetches its share of
     ``pf_total`` bytes at PF (the next linear's weight) into L2, while the last programs finish."""
     pid = tl.program_id(0)
@@ -106,11 +115,16 @@ def _decode_kernel(
     offs_kb = tl.arange(0, BLOCK_K)
     DT: tl.constexpr = W.dtype.element_ty
 
+    if PDL and PRELOAD > 0:
+        l2_prefetch_rows(W.to(tl.pointer_type(tl.int8)), offs_n, N, stride_wn * W.dtype.element_ty.primitive_bitwidth // 8,
+                         K * W.dtype.element_ty.primitive_bitwidth // 8, PRELOAD)
     pdl_wait(PDL)
 
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)  # summed across lanes once, at the end
     sum_sq = tl.zeros([BLOCK_K], dtype=tl.float32)
+    k_trigger = tl.maximum(tl.cdiv(K, BLOCK_K) - TRIGGER_STEPS, 0) * BLOCK_K
     for k0 in tl.range(0, K, BLOCK_K, num_stages=NUM_STAGES):
+        pdl_trigger_at(k0, k_trigger, PDL, TRIGGER_STEPS)
         offs_k = k0 + offs_kb
         x, squares = _input_block(X, G, offs_k, K, PROLOGUE, ACT, DT)
         acc += _weight_block(w_rows, mask_n, offs_k, K) * x[None, :]
@@ -150,6 +164,7 @@ def linear_decode(x2: Tensor, weight: Tensor, bias: Tensor | None, residual2: Te
     ``prefetch``: the first PREFETCH_TAIL_BYTES of this weight go to L2 as the programs finish."""
     n, k = weight.shape
     tiles = {**DECODE_TILES, **(tiles or {})}
+    check_pdl_knobs(tiles["trigger_steps"], tiles["preload"], "linear_triton")
     y = torch.empty((1, n), dtype=x2.dtype, device=x2.device)
     kind = gated_kind(prologue)
     pdl = pdl_code(x2.device)
@@ -163,6 +178,7 @@ def linear_decode(x2: Tensor, weight: Tensor, bias: Tensor | None, residual2: Te
         HAS_BIAS=bias is not None, HAS_RES=residual2 is not None,
         BLOCK_N=tiles["block_n"], BLOCK_K=tiles["block_k"], NUM_STAGES=tiles["num_stages"],
         PDL=pdl, PREFETCH=pf_total > 0, PF_CHUNKS=PREFETCH_CHUNKS,
+        TRIGGER_STEPS=tiles["trigger_steps"] if pdl else 0, PRELOAD=tiles["preload"] if pdl else 0,
         num_warps=tiles["num_warps"], launch_pdl=pdl > 0,
     )
     return y

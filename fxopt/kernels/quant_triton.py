@@ -111,10 +111,10 @@ from .linear import check_prologue, gated_kind
 from .linear_triton import _input_block
 from .quant import n_groups, quant_linear, quant_linear_reference
 
-from .triton_env import INTERPRET, jit as _jit, pdl_code, tl, triton
+from .triton_env import INTERPRET, check_pdl_knobs, jit as _jit, pdl_code, tl, triton
 
 if triton is not None:
-    from .triton_env import pdl_trigger, pdl_wait
+    from .triton_env import l2_prefetch_rows, pdl_trigger, pdl_trigger_at, pdl_wait
 
 
 def _jit_kernel(*generic: str):
@@ -165,8 +165,12 @@ DEQUANT_MAX_NUMEL = 1 << 27
 #   fused_reduce       split-K partials summed by the last-arriving program (no second launch)
 #   scales_ahead       each K step loads the next step's scales (their load latency hidden a step);
 #                      off until a GPU run shows it pays (benchmarks/decode.py --int8-gemv scales_ahead=1)
+#   trigger_steps      PDL: let the next kernel launch this many K steps before the end of the loop
+#                      (0: after it), as linear_triton's knob of that name
+#   preload            PDL: bytes of each weight row (of the program's split) prefetched into L2
+#                      before the PDL wait (a power of two from 128; 0: none)
 DECODE_DEFAULTS = dict(block_n=16, block_k=512, num_warps=4, num_stages=3, sub_k=16, convert="cast", dot=False,
-                       waves=2, fused_reduce=False, scales_ahead=False)
+                       waves=2, fused_reduce=False, scales_ahead=False, trigger_steps=0, preload=0)
 # Per bit width: (largest M, overrides of DECODE_DEFAULTS) in increasing M; the first entry whose M
 # bound is >= the launch's M applies (the last one beyond). Reasoned from sm_90 SASS (instructions a
 # weight) and bytes in flight, not yet measured -- benchmarks/quant_sweep.py prints a replacement:
@@ -513,7 +517,8 @@ def _decode_kernel(
     FUSED_REDUCE: tl.constexpr, SUB: tl.constexpr, CONVERT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
     NUM_STAGES: tl.constexpr, PROLOGUE: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr,
-    PDL: tl.constexpr = 0, SCALES_AHEAD: tl.constexpr = False,
+    PDL: tl.constexpr = 0, SCALES_AHEAD: tl.constexpr = False, TRIGGER_STEPS: tl.constexpr = 0,
+    PRELOAD: tl.constexpr = 0,
 ):
     """All M (<= BLOCK_M) rows of x times BLOCK_N weight rows, over one split of K.
 
@@ -521,7 +526,9 @@ def _decode_kernel(
     ragged edge. Without SPLIT the kernel writes Y (with the bias and the residual RES); with it,
     fp32 partials (the reduction adds them). M = 1 without SPLIT may fold a prologue (PROLOGUE 1:
     rms_norm with weight G, 2: gated activation ACT over X = [gate | up]), as ``linear_triton`` does.
-    PDL (triton_env): waits for the kernel before (which wrote X, RES) before reading anything."""
+    PDL (triton_env): waits for the kernel before (which wrote X, RES) before reading anything but
+    its weight rows, whose first PRELOAD bytes it may prefetch into L2 first; triggers the next
+    kernel TRIGGER_STEPS K steps before the end of its loop (0: after it)."""
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -530,7 +537,11 @@ def _decode_kernel(
     offs_m = tl.arange(0, BLOCK_M)
     k_start = split * k_per_split
     k_stop = tl.minimum(k_start + k_per_split, K)
+    k_trigger = k_start + tl.maximum(tl.cdiv(k_stop - k_start, BLOCK_K) - TRIGGER_STEPS, 0) * BLOCK_K
 
+    if PDL and PRELOAD > 0:
+        b_start = k_start * BITS // 8
+        l2_prefetch_rows(QW + b_start, rows, N, stride_qn, row_bytes - b_start, PRELOAD)
     pdl_wait(PDL)
 
     # The scales cannot stream through shared memory as the weights do (cp.async copies 4 bytes and
@@ -545,6 +556,7 @@ def _decode_kernel(
         acc_runs = tl.zeros([BLOCK_N, BLOCK_K // SUB], dtype=tl.float32)
         sum_sq = tl.zeros([BLOCK_K], dtype=tl.float32)
         for k0 in tl.range(k_start, k_stop, BLOCK_K, num_stages=NUM_STAGES):
+            pdl_trigger_at(k0, k_trigger, PDL, TRIGGER_STEPS)
             s, s_next = _step_scales(s_next, SC, rows, mask_n, k0, K, stride_sn, GROUP_SIZE, BLOCK_K, SUB,
                                      SCALES_AHEAD)
             x, squares = _input_block(X, G, k0 + tl.arange(0, BLOCK_K), K, PROLOGUE, ACT, X.dtype.element_ty)
@@ -561,6 +573,7 @@ def _decode_kernel(
         mask_m = offs_m < M
         offs_kb = tl.arange(0, BLOCK_K)
         for k0 in tl.range(k_start, k_stop, BLOCK_K, num_stages=NUM_STAGES):
+            pdl_trigger_at(k0, k_trigger, PDL, TRIGGER_STEPS)
             offs_k = k0 + offs_kb
             x = tl.load(x_rows + offs_k[None, :], mask=mask_m[:, None] & (offs_k < K)[None, :], other=0.0,
                         eviction_policy="evict_last")
@@ -700,6 +713,7 @@ def _config(defaults: dict, overrides: dict | None) -> dict:
     for key in ("block_m", "block_n", "block_k", "sub_k", "num_warps"):
         if key in cfg and not _is_pow2(cfg[key]):
             raise ValueError(f"quant_linear_triton: config {key} must be a power of two, got {cfg[key]!r}")
+    check_pdl_knobs(cfg.get("trigger_steps", 0), cfg.get("preload", 0), "quant_linear_triton")
     return cfg
 
 
@@ -819,6 +833,7 @@ def _decode(x2, qweight, scales, bias, y2, group_size, bits, in_features, split_
         BLOCK_M=plan["block_m"], BLOCK_N=plan["block_n"], BLOCK_K=plan["block_k"],
         DOT_PRECISION=_dot_precision(x2.dtype), NUM_STAGES=plan["num_stages"],
         PDL=pdl, SCALES_AHEAD=bool(plan["scales_ahead"]),
+        TRIGGER_STEPS=plan["trigger_steps"] if pdl else 0, PRELOAD=plan["preload"] if pdl else 0,
         num_warps=plan["num_warps"], num_stages=plan["num_stages"], launch_pdl=pdl > 0,
     )
     if split_k > 1 and counters is None:

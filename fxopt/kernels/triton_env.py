@@ -40,6 +40,14 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Because of 2, when kernel N+1 starts early kernel N has passed its wait, so everything before N
 # has finished: no more than two kernels are ever in flight.
 #
+# Two knobs of the one-row GEMVs (linear_triton, quant_triton: ``trigger_steps`` and ``preload`` in
+# their tile settings, both 0 by default) stretch the overlap. A GEMV's weight is a constant, so
+# its programs may warm the L2 with the first ``preload`` bytes of their weight rows *before* step
+# 1 (``l2_prefetch_rows``: a hint, it writes nothing); and a GEMV may trigger ``trigger_steps`` K
+# steps before the end of its loop (still after its own wait, so 2's bound holds), so that the next
+# kernel is resident, prefetching, while this one streams its last steps. Neither changes a bit of
+# any result (tests/test_pdl.py).
+#
 # Measured (benchmarks/decode.py --pdl, H100, 2026-12-05): 7B batch 1 4.917 -> 4.821 ms, 1B batch 1
 # 1.109 -> 1.062 ms; batch 8 and INT8 within 0.8 %. Tried and dropped: triggering right after the
 # wait (7B 5.00 ms, 1B 1.21 ms: kernels pile up and contend); prefetching each GEMV program's first
@@ -71,6 +79,14 @@ def pdl_code(device) -> int:
     return int(_PDL_DEVICES[index])
 
 
+def check_pdl_knobs(trigger_steps, preload, owner: str) -> None:
+    """Reject the PDL tile knobs (``trigger_steps``, ``preload``) a kernel cannot take."""
+    if not (isinstance(trigger_steps, int) and trigger_steps >= 0):
+        raise ValueError(f"{owner}: trigger_steps must be a count of K steps >= 0, got {trigger_steps!r}")
+    if not (isinstance(preload, int) and (preload == 0 or (preload >= 128 and preload & (preload - 1) == 0))):
+        raise ValueError(f"{owner}: preload must be 0 or a power of two >= 128 (bytes a row), got {preload!r}")
+
+
 if triton is not None:
     @triton.jit
     def pdl_wait(PDL: tl.constexpr):
@@ -83,6 +99,27 @@ if triton is not None:
         """Step 2, after the kernel's own wait: let the next kernel launch."""
         if PDL:
             gdc_launch_dependents()
+
+    @triton.jit
+    def pdl_trigger_at(k0, k_trigger, PDL: tl.constexpr, STEPS: tl.constexpr):
+        """Step 2 from inside a K loop: trigger at the step starting at ``k_trigger`` (STEPS > 0;
+        the kernel still calls ``pdl_trigger`` after its loop, a no-op once triggered)."""
+        if PDL and STEPS > 0:
+            if k0 == k_trigger:
+                gdc_launch_dependents()
+
+    @triton.jit
+    def l2_prefetch_rows(BASE, rows, n_rows, row_stride, row_bytes, NBYTES: tl.constexpr):
+        """Warm the L2 with the first NBYTES bytes of each of ``rows`` of a matrix of ``n_rows`` rows
+        (byte pointer BASE, rows ``row_stride`` bytes apart, ``row_bytes`` long): one
+        ``prefetch.global.L2`` a 128-byte line. A hint that writes nothing, so a kernel may issue it
+        before its PDL wait (weights are constants). Rows and bytes past the matrix are clamped
+        onto its last row and byte: no address outside the tensor is touched."""
+        offs = tl.minimum(tl.arange(0, NBYTES // 128) * 128, row_bytes - 1)
+        rows = tl.minimum(rows, n_rows - 1).to(tl.int64)
+        ptrs = BASE + rows[:, None] * row_stride + offs[None, :]
+        tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.b32 $0, 0;", "=r,l", [ptrs],
+                                  dtype=tl.int32, is_pure=False, pack=1)
 
 
 # --------------------------------------------------------------------------------------------- #
