@@ -375,8 +375,16 @@ def main():
                         help="run each variant once per count of cache slots a decode attention program "
                              "prefetches into L2 before its PDL wait (attention_triton.DECODE_PRELOAD_SLOTS; "
                              "0 or a power of two; rows named variant+apSLOTS)")
+    parser.add_argument("--table", metavar="JSON", default=None,
+                        help="print the table of an earlier run's JSON and exit (no GPU needed)")
     parser.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "decode.json"))
     args = parser.parse_args()
+    if args.table:
+        with open(args.table) as f:
+            saved = json.load(f)
+        print(", ".join(f"{k} {v}" for k, v in saved["meta"].items()))
+        print(table(saved["decode"], saved["prefill"]))
+        return
     for overrides in args.int8_gemv or []:
         try:  # bad keys and values fail here, not mid-run
             quant_triton.decode_plan(1, 4096, 4096, 128, torch.device("cpu"), config=overrides)

@@ -1,0 +1,48 @@
+"""benchmarks/decode.py's command line, which needs no GPU until it measures: settings are checked
+before a run starts, and a saved run's table can be printed anywhere."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def decode_py(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    return subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "decode.py"), *args],
+                          capture_output=True, text=True, env=env, timeout=300)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--gemv", "foo=1"], "--gemv: unknown keys ['foo']"),
+    (["--gemv", "preload=100"], "preload must be 0 or a power of two >= 128"),
+    (["--gemv", "trigger_steps"], "expected KEY=VALUE, got 'trigger_steps'"),
+    (["--int8-gemv", "convert=nope"], "config convert must be one of"),
+    (["--attn-preload", "48"], "--attn-preload: 0 or a power of two, got 48"),
+])
+def test_bad_settings_are_refused_before_a_run(args, message):
+    result = decode_py(*args)
+    assert result.returncode == 2
+    assert message in result.stderr
+
+
+def test_table_reprints_a_saved_run(tmp_path):
+    rows = [dict(model="llama-1b", system="fxopt{trigger_steps=1,preload=1024}+ap64", batch=1, ms_per_token=0.913,
+                 tokens_per_s=1095.3, floor_ms=0.58, pct_of_floor=63.5, compile_s=7.9, peak_GB=3.1),
+            dict(model="llama-1b", system="fxopt-int8", error="RuntimeError('out of memory')")]
+    prefill = [dict(model="llama-1b", tokens=2048, hf_eager_ms=13.4, fxopt_ms=8.22, matmul_floor_ms=5.06)]
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"meta": {"gpu": "NVIDIA H200", "date": "2026-12-07"}, "decode": rows, "prefill": prefill}))
+    result = decode_py("--table", str(path))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "gpu NVIDIA H200, date 2026-12-07"
+    row = next(line for line in lines if "+ap64" in line).split()
+    assert row[:4] == ["llama-1b", "fxopt{trigger_steps=1,preload=1024}+ap64", "1", "0.913"]
+    assert any("fxopt-int8" in line and "ERROR" in line and "out of memory" in line for line in lines)
+    assert any(line.split()[:5] == ["llama-1b", "2048", "13.4", "8.22", "5.06"] for line in lines)
