@@ -130,6 +130,20 @@ def _rotate(x, x_pair, cos, sin, first, DT: tl.constexpr):
 
 
 @_jit
+def _split_slots(POS, max_seq, window, split, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``(pos, start, stop)``: the row's new-token slot and split ``split``'s share of the visible
+    cache slots [lo, end) (the new token aside). Split s takes the s-th chunk of [lo, end), chunks
+    rounded up to BLOCK_N so that only the last block of a chunk is ragged."""
+    pos = tl.load(POS).to(tl.int32)
+    end = tl.minimum(pos, max_seq)
+    lo = tl.maximum(pos - window + 1, 0)
+    n_slots = tl.maximum(end - lo, 0)
+    chunk = tl.cdiv(tl.cdiv(n_slots, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = lo + split * chunk
+    return pos, start, tl.minimum(start + chunk, end)
+
+
+@_jit
 def _decode_kernel(
     Q, K, V, KC, VC, POS, OUT, PART_ACC, PART_M, PART_L, COS, SIN, PF,
     scale_log2, window, max_seq, pf_total, pf_chunk,
@@ -147,9 +161,10 @@ def _decode_kernel(
     PDL (triton_env): waits for the kernel before it (which wrote q, k, v) before reading anything.
     PREFETCH (triton_env.l2_prefetch): first, this program's share of ``pf_total`` bytes at PF goes
     to L2 -- a constant weight, so before the wait. PRELOAD_SLOTS: so do the first PRELOAD_SLOTS
-    cache slots of this program's split, K and V rows (written by earlier steps; the positions were
-    written before the kernel before this one waited, and PDL keeps two kernels in flight at most),
-    K_LINES / V_LINES bytes a row (a row's bytes rounded up to a power of two from 128)."""
+    cache slots of this program's split, K and V rows, K_LINES / V_LINES bytes a row (its bytes
+    rounded up to a power of two from 128). Those slots were written by earlier steps, and the
+    position it reads for them was written before the kernel before this one passed its own wait
+    (PDL keeps two kernels in flight at most): at worst a stale read, which only misplaces a hint."""
     if PREFETCH:
         program = (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(2) + tl.program_id(2)
         l2_prefetch(PF, program, pf_total, pf_chunk, PF_CHUNKS)
@@ -157,24 +172,17 @@ def _decode_kernel(
     h = tl.program_id(1)
     split = tl.program_id(2)
     heads_q = tl.num_programs(1) * GROUP
-    # Visible cache slots: [lo, end), then the new token at slot pos. Split s takes the s-th chunk of
-    # [lo, end), chunks rounded up to BLOCK_N so that only the last block of a chunk is ragged.
-    pos = tl.load(POS + b * sp_b).to(tl.int32)
-    end = tl.minimum(pos, max_seq)
-    lo = tl.maximum(pos - window + 1, 0)
-    n_slots = tl.maximum(end - lo, 0)
-    chunk = tl.cdiv(tl.cdiv(n_slots, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    start = lo + split * chunk
-    stop = tl.minimum(start + chunk, end)
     kc_base = KC + b * skc_b + h * skc_h
     vc_base = VC + b * svc_b + h * svc_h
     if PDL and PRELOAD_SLOTS > 0:
+        _, start, stop = _split_slots(POS + b * sp_b, max_seq, window, split, NUM_SPLITS, BLOCK_N)
         slots = start + tl.arange(0, PRELOAD_SLOTS)
         slots = tl.where(slots < stop, slots, start)  # past the split: its first slot again
         ELT: tl.constexpr = KC.dtype.element_ty.primitive_bitwidth // 8
         l2_prefetch_rows(kc_base.to(tl.pointer_type(tl.int8)), slots, max_seq, skc_s * ELT, D * ELT, K_LINES)
         l2_prefetch_rows(vc_base.to(tl.pointer_type(tl.int8)), slots, max_seq, svc_s * ELT, DV * ELT, V_LINES)
     pdl_wait(PDL)
+    pos, start, stop = _split_slots(POS + b * sp_b, max_seq, window, split, NUM_SPLITS, BLOCK_N)
 
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)

@@ -42,7 +42,8 @@ from torch import Tensor
 
 from .linear import apply_prologue, check_prologue, gated_kind, linear, linear_reference
 
-from .triton_env import PREFETCH_CHUNKS, PREFETCH_TAIL_BYTES, check_pdl_knobs, jit as _jit, pdl_code, prefetch_plan, tl, triton
+from .triton_env import (PREFETCH_CHUNKS, PREFETCH_TAIL_BYTES, check_pdl_knobs, jit as _jit, pdl_code, prefetch_plan,
+                         tl, triton)
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -116,8 +117,8 @@ def _decode_kernel(
     DT: tl.constexpr = W.dtype.element_ty
 
     if PDL and PRELOAD > 0:
-        l2_prefetch_rows(W.to(tl.pointer_type(tl.int8)), offs_n, N, stride_wn * W.dtype.element_ty.primitive_bitwidth // 8,
-                         K * W.dtype.element_ty.primitive_bitwidth // 8, PRELOAD)
+        ELT: tl.constexpr = DT.primitive_bitwidth // 8
+        l2_prefetch_rows(W.to(tl.pointer_type(tl.int8)), offs_n, N, stride_wn * ELT, K * ELT, PRELOAD)
     pdl_wait(PDL)
 
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)  # summed across lanes once, at the end
