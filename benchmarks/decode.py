@@ -394,14 +394,10 @@ def main():
         if slots < 0 or slots & (slots - 1):
             parser.error(f"--attn-preload: 0 or a power of two, got {slots}")
     for overrides in args.gemv or []:
-        unknown = set(overrides) - set(DEFAULT_GEMV_TILES)
-        if unknown:
-            parser.error(f"--gemv: unknown keys {sorted(unknown)}; known: {sorted(DEFAULT_GEMV_TILES)}")
-        tiles = {**DEFAULT_GEMV_TILES, **overrides}
         try:
-            triton_env.check_pdl_knobs(tiles["trigger_steps"], tiles["preload"], "--gemv")
+            linear_triton.decode_tiles(overrides)
         except ValueError as e:
-            parser.error(str(e))
+            parser.error(f"--gemv: {e}")
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/decode.py needs a CUDA GPU")
     ceil = ceilings()

@@ -19,8 +19,8 @@ def decode_py(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--gemv", "foo=1"], "--gemv: unknown keys ['foo']"),
-    (["--gemv", "preload=100"], "preload must be 0 or a power of two >= 128"),
+    (["--gemv", "foo=1"], "--gemv: linear_triton: unknown tile keys ['foo']"),
+    (["--gemv", "preload=100"], "--gemv: linear_triton: preload must be 0 or a power of two >= 128"),
     (["--gemv", "trigger_steps"], "expected KEY=VALUE, got 'trigger_steps'"),
     (["--int8-gemv", "convert=nope"], "config convert must be one of"),
     (["--attn-preload", "48"], "--attn-preload: 0 or a power of two, got 48"),

@@ -158,14 +158,23 @@ def _decode_ok(x2: Tensor, weight: Tensor, bias, residual2, norm_weight) -> bool
             and weight.stride(-1) == 1 and all(t.is_contiguous() for t in tensors if t is not weight))
 
 
+def decode_tiles(overrides: dict | None = None) -> dict:
+    """DECODE_TILES with ``overrides`` applied; unknown keys and bad PDL knobs are named."""
+    unknown = set(overrides or {}) - set(DECODE_TILES)
+    if unknown:
+        raise ValueError(f"linear_triton: unknown tile keys {sorted(unknown)}; known: {sorted(DECODE_TILES)}")
+    tiles = {**DECODE_TILES, **(overrides or {})}
+    check_pdl_knobs(tiles["trigger_steps"], tiles["preload"], "linear_triton")
+    return tiles
+
+
 def linear_decode(x2: Tensor, weight: Tensor, bias: Tensor | None, residual2: Tensor | None, prologue: str,
                   norm_weight: Tensor | None, eps: float, tiles: dict | None = None,
                   prefetch: Tensor | None = None) -> Tensor:
     """The decode kernel on one row: x ``[1, K]`` (``[1, 2K]`` gated), residual ``[1, N]``; returns ``[1, N]``.
     ``prefetch``: the first PREFETCH_TAIL_BYTES of this weight go to L2 as the programs finish."""
     n, k = weight.shape
-    tiles = {**DECODE_TILES, **(tiles or {})}
-    check_pdl_knobs(tiles["trigger_steps"], tiles["preload"], "linear_triton")
+    tiles = decode_tiles(tiles)
     y = torch.empty((1, n), dtype=x2.dtype, device=x2.device)
     kind = gated_kind(prologue)
     pdl = pdl_code(x2.device)
