@@ -27,6 +27,9 @@ one-row INT8 GEMV (overrides of ``DECODE_TILES`` in ``fxopt/kernels/quant_triton
 per setting of the one-row bf16/fp16 GEMV (``DECODE_TILES`` in ``fxopt/kernels/linear_triton.py``;
 rows named ``fxopt{trigger_steps=1,preload=1024}``), and ``--attn-preload 0 64`` once per count of
 cache slots each decode attention program warms the L2 with before its PDL wait (rows ``fxopt+ap64``).
+``--attn-split-blocks 1 8`` once per count of cache blocks a decode attention split must own
+(``DECODE_MIN_BLOCKS_PER_SPLIT``: 8 leaves the benchmark's 264-slot cache one split and no merge
+kernel; rows ``fxopt+sb8``).
 
 Columns: ms per decoded token, tokens/s (batch × 1000 / ms), percent of the bandwidth floor
 (weight + KV bytes read per step ÷ device-to-device copy bandwidth measured in the same run),
@@ -57,6 +60,7 @@ DEFAULT_PREFETCH_L2 = triton_env.PREFETCH_L2_FRACTION
 DEFAULT_INT8_TILES = quant_triton.DECODE_TILES[8]
 DEFAULT_GEMV_TILES = dict(linear_triton.DECODE_TILES)
 DEFAULT_ATTN_PRELOAD = attention_triton.DECODE_PRELOAD_SLOTS
+DEFAULT_SPLIT_BLOCKS = attention_triton.DECODE_MIN_BLOCKS_PER_SPLIT
 # fxopt pipelines the benchmark can run: (passes, options); passes None: fxopt's default pipeline
 PREFETCH = ["canonicalize", "kv_cache", "fuse", "fold_linear", "prefetch", "dce", "cuda_graph"]
 VARIANTS = {
@@ -259,8 +263,8 @@ def run_model(name, args, ceil, rows, prefills):
     import fxopt
     runs = [(v, p, f, g, b, a) for v in args.variants for p in (args.pdl or [None]) for f in (args.prefetch_l2 or [None])
             for g in (args.int8_gemv if args.int8_gemv and "int8" in v else [None]) for b in (args.gemv or [None])
-            for a in (args.attn_preload or [None])]
-    for system, pdl, fraction, gemv, bf16_gemv, attn_preload in runs:
+            for a in (args.attn_preload or [None]) for sb in (args.attn_split_blocks or [None])]
+    for system, pdl, fraction, gemv, bf16_gemv, attn_preload, split_blocks in runs:
         passes, options = VARIANTS[system]
         if pdl is not None:
             system = f"{system}/{pdl}"
@@ -272,12 +276,15 @@ def run_model(name, args, ceil, rows, prefills):
             system = f"{system}{{{','.join(f'{k}={v}' for k, v in bf16_gemv.items())}}}"
         if attn_preload is not None:
             system = f"{system}+ap{attn_preload}"
+        if split_blocks is not None:
+            system = f"{system}+sb{split_blocks}"
         try:
             set_pdl(pdl)
             set_prefetch_l2(fraction)
             set_int8_gemv(gemv)
             set_gemv(bf16_gemv)
             attention_triton.DECODE_PRELOAD_SLOTS = DEFAULT_ATTN_PRELOAD if attn_preload is None else attn_preload
+            attention_triton.DECODE_MIN_BLOCKS_PER_SPLIT = split_blocks or DEFAULT_SPLIT_BLOCKS
             torch.cuda.reset_peak_memory_stats()
             t0 = time.perf_counter()
             compiled = fxopt.compile(model, passes=passes, max_batch_size=max_batch, max_seq_len=seq, **options)
@@ -297,6 +304,7 @@ def run_model(name, args, ceil, rows, prefills):
         set_int8_gemv(None)
         set_gemv(None)
         attention_triton.DECODE_PRELOAD_SLOTS = DEFAULT_ATTN_PRELOAD
+        attention_triton.DECODE_MIN_BLOCKS_PER_SPLIT = DEFAULT_SPLIT_BLOCKS
         gc.collect()
         torch.cuda.empty_cache()
     flops = 2 * sum(p.numel() for n, p in model.named_parameters() if "embed" not in n) * args.prefill
@@ -375,6 +383,10 @@ def main():
                         help="run each variant once per count of cache slots a decode attention program "
                              "prefetches into L2 before its PDL wait (attention_triton.DECODE_PRELOAD_SLOTS; "
                              "0 or a power of two; rows named variant+apSLOTS)")
+    parser.add_argument("--attn-split-blocks", nargs="+", type=int, default=None, metavar="BLOCKS",
+                        help="run each variant once per count of cache blocks a decode attention split must "
+                             "own (attention_triton.DECODE_MIN_BLOCKS_PER_SPLIT, >= 1; fewer splits for short "
+                             "caches, one split: no merge kernel; rows named variant+sbBLOCKS)")
     parser.add_argument("--table", metavar="JSON", default=None,
                         help="print the table of an earlier run's JSON and exit (no GPU needed)")
     parser.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "decode.json"))
@@ -393,6 +405,9 @@ def main():
     for slots in args.attn_preload or []:
         if slots < 0 or slots & (slots - 1):
             parser.error(f"--attn-preload: 0 or a power of two, got {slots}")
+    for blocks in args.attn_split_blocks or []:
+        if blocks < 1:
+            parser.error(f"--attn-split-blocks: at least 1, got {blocks}")
     for overrides in args.gemv or []:
         try:
             linear_triton.decode_tiles(overrides)

@@ -200,6 +200,22 @@ def test_num_splits_bounds():
         assert n <= at._pow2(-(-max_seq // at.DECODE_BLOCK_N))  # no more splits than cache blocks (rounded)
 
 
+@pytest.mark.parametrize("min_blocks, splits", [(1, 4), (2, 4), (3, 2), (4, 2), (5, 1), (8, 1)])
+def test_num_splits_follow_the_blocks_a_split_must_own(monkeypatch, min_blocks, splits):
+    # 300 slots are 5 blocks of 64; at least min_blocks a split, rounded up to a power of two.
+    # (The interpreter counts 4 SMs: one row, one kv head wants 4 programs.)
+    monkeypatch.setattr(at, "DECODE_MIN_BLOCKS_PER_SPLIT", min_blocks)
+    assert at.decode_num_splits(1, 1, 300, torch.device("cpu"), block_n=64) == splits
+
+
+@pytest.mark.parametrize("min_blocks", [1, 4])
+def test_decode_is_right_with_fewer_splits(monkeypatch, min_blocks):
+    # The split count the launcher picks: 4 splits and their merge, or one split and no merge.
+    monkeypatch.setattr(at, "DECODE_MIN_BLOCKS_PER_SPLIT", min_blocks)
+    assert at.decode_num_splits(1, 1, 200, torch.device(DEVICE)) == (4 if min_blocks == 1 else 1)
+    check(*make_case(1, 3, 1, 1, 40, [171], 200, torch.float32, seed=min_blocks))
+
+
 def test_register_is_idempotent():
     assert at.register() and at.register()
 

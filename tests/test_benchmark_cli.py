@@ -24,6 +24,7 @@ def decode_py(*args: str) -> subprocess.CompletedProcess:
     (["--gemv", "trigger_steps"], "expected KEY=VALUE, got 'trigger_steps'"),
     (["--int8-gemv", "convert=nope"], "config convert must be one of"),
     (["--attn-preload", "48"], "--attn-preload: 0 or a power of two, got 48"),
+    (["--attn-split-blocks", "4", "0"], "--attn-split-blocks: at least 1, got 0"),
 ])
 def test_bad_settings_are_refused_before_a_run(args, message):
     result = decode_py(*args)

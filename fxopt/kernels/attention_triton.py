@@ -73,6 +73,9 @@ DECODE_BLOCK_N = 64
 DECODE_NUM_WARPS = 4
 DECODE_NUM_STAGES = 3
 DECODE_WAVES = 1  # decode programs to aim for, per SM (the split count follows from it)
+# Cache blocks a split owns at least, counted on the cache's length (a shape, so CUDA-graph safe).
+# Above 1 a short cache gets fewer splits; a single split writes the output itself (no merge kernel).
+DECODE_MIN_BLOCKS_PER_SPLIT = 1
 # PDL (triton_env): cache slots of its split a decode program prefetches into L2 (K and V rows)
 # before its wait -- the slots before the new token are constants by then. A power of two; 0: none.
 DECODE_PRELOAD_SLOTS = 0
@@ -371,9 +374,14 @@ def _sm_count(device: torch.device) -> int:
 def decode_num_splits(batch: int, heads_kv: int, max_seq: int, device: torch.device,
                       block_n: int = DECODE_BLOCK_N) -> int:
     """Splits per (row, kv head): enough programs for DECODE_WAVES per SM, a power of two, no more
-    than the cache has blocks. Depends on shapes only, never on positions (CUDA graphs)."""
+    than the cache has blocks (DECODE_MIN_BLOCKS_PER_SPLIT each, rounded up to a power of two).
+    Depends on shapes only, never on positions (CUDA graphs). E.g. llama2-7b (32 kv heads) at
+    batch 1 on 132 SMs wants 5 programs a kv head, so 8 splits; a 264-slot cache is 5 blocks of 64,
+    so 8 splits again, or 1 with DECODE_MIN_BLOCKS_PER_SPLIT = 8 (the merge kernel then skipped).
+    """
     want = triton.cdiv(DECODE_WAVES * _sm_count(device), batch * heads_kv)
-    return max(1, min(_pow2(want), _pow2(triton.cdiv(max_seq, block_n)), 64))
+    blocks = triton.cdiv(triton.cdiv(max_seq, block_n), DECODE_MIN_BLOCKS_PER_SPLIT)
+    return max(1, min(_pow2(want), _pow2(blocks), 64))
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
