@@ -202,7 +202,8 @@ def _decode(model, input_ids, attention_mask=None, *, check_every: int, max_new_
         yield tokens
         if eos is not None:
             done |= torch.isin(tokens, eos)
-        if step == req.max_new_tokens - 1 or ((step + 1) % check_every == 0 and bool(done.all())):
+        # Without an end-of-sequence token no row can finish early: never sync to ask.
+        if step == req.max_new_tokens - 1 or (eos is not None and (step + 1) % check_every == 0 and bool(done.all())):
             break
         next_logits = model.step(tokens[:, None], position)[:, -1]
         position += 1
