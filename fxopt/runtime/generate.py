@@ -198,11 +198,11 @@ def _decode(model, input_ids, attention_mask=None, *, check_every: int, max_new_
         tokens = sampling.pick(next_logits, generator)
         if step == 0:
             timer.prefill_done()
-        tokens = torch.where(done, pad, tokens)
-        yield tokens
+        # Without an end-of-sequence token no row can finish early: no masking, no sync to ask.
         if eos is not None:
+            tokens = torch.where(done, pad, tokens)  # finished rows emit padding
             done |= torch.isin(tokens, eos)
-        # Without an end-of-sequence token no row can finish early: never sync to ask.
+        yield tokens
         if step == req.max_new_tokens - 1 or (eos is not None and (step + 1) % check_every == 0 and bool(done.all())):
             break
         next_logits = model.step(tokens[:, None], position)[:, -1]
