@@ -9,8 +9,10 @@ export PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSITY=error PYTHONPATH="$PWD${PYTHONP
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
 if [ "$mode" = ab ]; then
-  timeout 80 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_pdl.py tests/test_quant_triton.py \
-    -k "pdl_knobs or residual_batched" 2>&1 | tee "$OUT/pytest-ab.txt" | tail -3
+  timeout 90 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_pdl.py tests/test_quant_triton.py \
+    tests/test_sampling_triton.py tests/test_generate.py -k "pdl_knobs or residual_batched or sampling or greedy" \
+    2>&1 | tee "$OUT/pytest-ab.txt" | tail -3
+  timeout 40 python3 -m fxopt.kernels.sampling_triton 2>&1 | tee "$OUT/bench-sampling.txt" | tail -6
   D="python3 benchmarks/decode.py --no-compile --prefill 0 --models llama-1b llama2-7b"
   timeout 200 $D --batches 1 --variants fxopt --gemv trigger_steps=0 trigger_steps=1,preload=1024 \
     --attn-preload 0 64 --json "$OUT/ab-pdl-bf16.json" > "$OUT/ab-pdl-bf16.txt" 2>&1
@@ -24,7 +26,7 @@ if [ "$mode" = ab ]; then
   exit 0
 fi
 python3 -m pytest -m gpu -q -x -p no:cacheprovider tests 2>&1 | tee "$OUT/pytest-gpu.txt" | tail -15
-for k in attention_triton norm_triton rotary_triton activation_triton; do
+for k in attention_triton norm_triton rotary_triton activation_triton sampling_triton; do
   timeout 120 python3 -m fxopt.kernels.$k 2>&1 | tee "$OUT/bench-$k.txt" | tail -12
 done
 if [ "$mode" = quick ]; then

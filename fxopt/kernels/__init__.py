@@ -2,10 +2,11 @@
 reference, a fake implementation for shapes, and where it pays a Triton kernel for CUDA.
 
 One file per op family: ``attention`` (cached attention, and prompt attention for prefills), ``norm`` (RMSNorm / LayerNorm with the
-residual add), ``rotary`` (RoPE on q and k), ``activation`` (gated MLP activations). Files named
+residual add), ``rotary`` (RoPE on q and k), ``activation`` (gated MLP activations), ``sampling``
+(greedy decoding's argmax). Files named
 ``*_triton.py`` hold the Triton kernels and register them as the CUDA implementations.
 """
-from . import activation, attention, collectives, linear, norm, quant, rotary  # noqa: F401 - define torch.ops.fxopt.*
+from . import activation, attention, collectives, linear, norm, quant, rotary, sampling  # noqa: F401 - define torch.ops.fxopt.*
 
 import os as _os
 

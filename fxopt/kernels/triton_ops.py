@@ -15,7 +15,8 @@ import torch
 
 # In the order they are registered. A module that is missing (attention_triton is written
 # separately) or whose register() returns False is skipped.
-MODULES = ("attention_triton", "norm_triton", "rotary_triton", "activation_triton", "quant_triton", "linear_triton")
+MODULES = ("attention_triton", "norm_triton", "rotary_triton", "activation_triton", "quant_triton", "linear_triton",
+           "sampling_triton")
 
 
 def register_all() -> list[str]:

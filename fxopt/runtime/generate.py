@@ -13,7 +13,6 @@ Example::
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from typing import Iterator
@@ -21,6 +20,7 @@ from typing import Iterator
 import torch
 
 from ..errors import GenerationError
+from ..kernels import sampling  # noqa: F401 - registers torch.ops.fxopt.argmax
 
 
 MODEL_DEFAULT = object()  # eos_token_id not given: the model's own (None given: never stop early)
@@ -61,26 +61,8 @@ class Sampling:
 
 
 def greedy(logits: torch.Tensor) -> torch.Tensor:
-    """``logits.argmax(-1)``, in two steps over a long CUDA vocabulary: torch reduces one long row
-    on few blocks (36.7 us for a 128k vocabulary on an H200, 3 % of a 1B model's decode step);
-    the maxima of ``chunks`` slices first, then the best slice, is the same index (the first
-    maximum of the first slice holding it) in a few microseconds."""
-    vocab = logits.shape[-1]
-    chunks = math.gcd(vocab, GREEDY_CHUNKS)
-    if not logits.is_cuda or vocab < GREEDY_MIN_VOCAB or chunks < 16:
-        return logits.argmax(dim=-1)
-    return chunked_argmax(logits, chunks)
-
-
-def chunked_argmax(logits: torch.Tensor, chunks: int) -> torch.Tensor:
-    """argmax over the last dim (which ``chunks`` divides) via the maxima of ``chunks`` slices."""
-    values, index = logits.unflatten(-1, (chunks, logits.shape[-1] // chunks)).max(dim=-1)
-    best = values.argmax(dim=-1, keepdim=True)
-    return (best * (logits.shape[-1] // chunks) + index.gather(-1, best)).squeeze(-1)
-
-
-GREEDY_CHUNKS = 256
-GREEDY_MIN_VOCAB = 16384
+    """``logits.argmax(-1)``: ``fxopt::argmax``, one kernel on CUDA (``kernels/sampling.py``)."""
+    return torch.ops.fxopt.argmax(logits)
 
 
 def _prompts(input_ids, attention_mask) -> list[torch.Tensor]:
