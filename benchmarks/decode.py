@@ -31,6 +31,8 @@ cache slots each decode attention program warms the L2 with before its PDL wait 
 (``DECODE_MIN_BLOCKS_PER_SPLIT``: 8 leaves the benchmark's 264-slot cache one split and no merge
 kernel; rows ``fxopt+sb8``).
 
+``--list-runs`` prints the fxopt runs (row names) the arguments ask for, without a GPU.
+
 Columns: ms per decoded token, tokens/s (batch × 1000 / ms), percent of the bandwidth floor
 (weight + KV bytes read per step ÷ device-to-device copy bandwidth measured in the same run),
 compile time, peak GPU memory. A prefill of 2048 tokens (batch 1) runs beside it. Results are
@@ -232,6 +234,39 @@ def peak_gb() -> float:
     return round(torch.cuda.max_memory_allocated() / 1e9, 2)
 
 
+# The per-run settings: argument (its values, or None for fxopt's default) and how a row names it.
+SETTINGS = (
+    ("pdl", lambda v: f"/{v}"),
+    ("prefetch_l2", lambda v: f"@{v:g}"),
+    ("int8_gemv", lambda v: f"[{_pairs(v)}]"),
+    ("gemv", lambda v: f"{{{_pairs(v)}}}"),
+    ("attn_preload", lambda v: f"+ap{v}"),
+    ("attn_split_blocks", lambda v: f"+sb{v}"),
+)
+
+
+def _pairs(overrides: dict) -> str:
+    return ",".join(f"{k}={v}" for k, v in overrides.items())
+
+
+def planned_runs(args) -> list[dict]:
+    """The fxopt runs the arguments ask for, per model: every variant once per combination of the
+    per-run settings (``--int8-gemv`` only for INT8 variants), each a dict of the variant, its
+    row name and every setting (None: fxopt's default)."""
+    runs = []
+    for variant in args.variants:
+        combos = [{}]
+        for key, _ in SETTINGS:
+            values = getattr(args, key) or [None]
+            if key == "int8_gemv" and "int8" not in variant:
+                values = [None]
+            combos = [{**c, key: v} for c in combos for v in values]
+        for combo in combos:
+            name = variant + "".join(fmt(combo[key]) for key, fmt in SETTINGS if combo[key] is not None)
+            runs.append(dict(variant=variant, name=name, **combo))
+    return runs
+
+
 def run_model(name, args, ceil, rows, prefills):
     model = build(name)
     cfg = model.config
@@ -261,30 +296,16 @@ def run_model(name, args, ceil, rows, prefills):
         add("hf-eager", batch, hf_decode(model, model.forward, batch, args.prompt, args.new), peak=peak_gb())
 
     import fxopt
-    runs = [(v, p, f, g, b, a) for v in args.variants for p in (args.pdl or [None]) for f in (args.prefetch_l2 or [None])
-            for g in (args.int8_gemv if args.int8_gemv and "int8" in v else [None]) for b in (args.gemv or [None])
-            for a in (args.attn_preload or [None]) for sb in (args.attn_split_blocks or [None])]
-    for system, pdl, fraction, gemv, bf16_gemv, attn_preload, split_blocks in runs:
-        passes, options = VARIANTS[system]
-        if pdl is not None:
-            system = f"{system}/{pdl}"
-        if fraction is not None:
-            system = f"{system}@{fraction:g}"
-        if gemv is not None:
-            system = f"{system}[{','.join(f'{k}={v}' for k, v in gemv.items())}]"
-        if bf16_gemv is not None:
-            system = f"{system}{{{','.join(f'{k}={v}' for k, v in bf16_gemv.items())}}}"
-        if attn_preload is not None:
-            system = f"{system}+ap{attn_preload}"
-        if split_blocks is not None:
-            system = f"{system}+sb{split_blocks}"
+    for run in planned_runs(args):
+        system, passes, options = run["name"], *VARIANTS[run["variant"]]
         try:
-            set_pdl(pdl)
-            set_prefetch_l2(fraction)
-            set_int8_gemv(gemv)
-            set_gemv(bf16_gemv)
-            attention_triton.DECODE_PRELOAD_SLOTS = DEFAULT_ATTN_PRELOAD if attn_preload is None else attn_preload
-            attention_triton.DECODE_MIN_BLOCKS_PER_SPLIT = split_blocks or DEFAULT_SPLIT_BLOCKS
+            set_pdl(run["pdl"])
+            set_prefetch_l2(run["prefetch_l2"])
+            set_int8_gemv(run["int8_gemv"])
+            set_gemv(run["gemv"])
+            attention_triton.DECODE_PRELOAD_SLOTS = (DEFAULT_ATTN_PRELOAD if run["attn_preload"] is None
+                                                     else run["attn_preload"])
+            attention_triton.DECODE_MIN_BLOCKS_PER_SPLIT = run["attn_split_blocks"] or DEFAULT_SPLIT_BLOCKS
             torch.cuda.reset_peak_memory_stats()
             t0 = time.perf_counter()
             compiled = fxopt.compile(model, passes=passes, max_batch_size=max_batch, max_seq_len=seq, **options)
@@ -387,6 +408,8 @@ def main():
                         help="run each variant once per count of cache blocks a decode attention split must "
                              "own (attention_triton.DECODE_MIN_BLOCKS_PER_SPLIT, >= 1; fewer splits for short "
                              "caches, one split: no merge kernel; rows named variant+sbBLOCKS)")
+    parser.add_argument("--list-runs", action="store_true",
+                        help="print the fxopt runs (row names) these arguments ask for, per model, and exit")
     parser.add_argument("--table", metavar="JSON", default=None,
                         help="print the table of an earlier run's JSON and exit (no GPU needed)")
     parser.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "decode.json"))
@@ -413,6 +436,9 @@ def main():
             linear_triton.decode_tiles(overrides)
         except ValueError as e:
             parser.error(f"--gemv: {e}")
+    if args.list_runs:
+        print("\n".join(run["name"] for run in planned_runs(args)))
+        return
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/decode.py needs a CUDA GPU")
     ceil = ceilings()

@@ -32,6 +32,23 @@ def test_bad_settings_are_refused_before_a_run(args, message):
     assert message in result.stderr
 
 
+def test_list_runs_names_every_combination_of_settings():
+    result = decode_py("--variants", "fxopt", "fxopt-int8-nofold", "--gemv", "trigger_steps=1,preload=1024",
+                       "--int8-gemv", "scales_ahead=1", "convert=magic", "--attn-split-blocks", "1", "8", "--list-runs")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [
+        "fxopt{trigger_steps=1,preload=1024}+sb1",
+        "fxopt{trigger_steps=1,preload=1024}+sb8",
+        # INT8 settings only for INT8 variants, the bf16 GEMV's for every variant
+        "fxopt-int8-nofold[scales_ahead=1]{trigger_steps=1,preload=1024}+sb1",
+        "fxopt-int8-nofold[scales_ahead=1]{trigger_steps=1,preload=1024}+sb8",
+        "fxopt-int8-nofold[convert=magic]{trigger_steps=1,preload=1024}+sb1",
+        "fxopt-int8-nofold[convert=magic]{trigger_steps=1,preload=1024}+sb8",
+    ]
+    plain = decode_py("--variants", "fxopt", "--pdl", "off", "on", "--attn-preload", "64", "--list-runs")
+    assert plain.stdout.split() == ["fxopt/off+ap64", "fxopt/on+ap64"]
+
+
 def test_table_reprints_a_saved_run(tmp_path):
     rows = [dict(model="llama-1b", system="fxopt{trigger_steps=1,preload=1024}+ap64", batch=1, ms_per_token=0.913,
                  tokens_per_s=1095.3, floor_ms=0.58, pct_of_floor=63.5, compile_s=7.9, peak_GB=3.1),
