@@ -14,11 +14,11 @@ if [ "$mode" = ab ]; then
     2>&1 | tee "$OUT/pytest-ab.txt" | tail -3
   timeout 40 python3 -m fxopt.kernels.sampling_triton 2>&1 | tee "$OUT/bench-sampling.txt" | tail -6
   D="python3 benchmarks/decode.py --no-compile --prefill 0 --models llama-1b llama2-7b"
-  timeout 200 $D --batches 1 --variants fxopt --gemv trigger_steps=0 trigger_steps=1,preload=1024 \
+  timeout 190 $D --batches 1 --variants fxopt --gemv trigger_steps=0 trigger_steps=1,preload=1024 \
     --attn-preload 0 64 --json "$OUT/ab-pdl-bf16.json" > "$OUT/ab-pdl-bf16.txt" 2>&1
-  timeout 140 $D --batches 1 --variants fxopt-int8-nofold --int8-gemv trigger_steps=0 \
+  timeout 130 $D --batches 1 --variants fxopt-int8-nofold --int8-gemv trigger_steps=0 \
     trigger_steps=1,preload=1024 scales_ahead=1 --json "$OUT/ab-int8.json" > "$OUT/ab-int8.txt" 2>&1
-  timeout 130 $D --batches 1 --variants fxopt --attn-split-blocks 1 4 8 --json "$OUT/ab-splits.json" \
+  timeout 120 $D --batches 1 --variants fxopt --attn-split-blocks 1 4 8 --json "$OUT/ab-splits.json" \
     > "$OUT/ab-splits.txt" 2>&1
   for f in ab-pdl-bf16 ab-int8 ab-splits; do
     [ -f "$OUT/$f.json" ] && python3 benchmarks/decode.py --table "$OUT/$f.json"
