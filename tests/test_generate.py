@@ -164,8 +164,10 @@ def test_prefill_without_a_single_head_falls_back_to_all_logits():
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_greedy_is_argmax(device):
-    """Greedy picks the first maximum of each row, as argmax does (ties across the kernel's blocks
-    and within one; the strided rows generate passes, logits[:, -1] of [B, 1, V])."""
+    """Greedy picks the first maximum of each row, as argmax does, on the strided rows generate
+    passes (logits[:, -1] of [B, 1, V]). On CUDA that is the Triton kernel (ties across its blocks
+    and within one); on CPU the op's reference, so there this checks the wiring, and the kernel
+    itself is tested in the interpreter by tests/test_sampling_triton.py."""
     from fxopt.runtime.generate import greedy
 
     g = torch.Generator().manual_seed(0)
