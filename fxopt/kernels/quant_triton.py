@@ -164,7 +164,7 @@ DEQUANT_MAX_NUMEL = 1 << 27
 #   waves              programs per SM to aim for; K is split when the N blocks are fewer
 #   fused_reduce       split-K partials summed by the last-arriving program (no second launch)
 #   scales_ahead       each K step loads the next step's scales (their load latency hidden a step);
-#                      off until a GPU run shows it pays (benchmarks/decode.py --int8-gemv scales_ahead=1)
+#                      on for one-row INT8 (DECODE_TILES; measured there only, H100 2026-12-07)
 #   trigger_steps      PDL: let the next kernel launch this many K steps before the end of the loop
 #                      (0: after it), as linear_triton's knob of that name
 #   preload            PDL: bytes of each weight row (of the program's split) prefetched into L2
@@ -182,7 +182,8 @@ DECODE_DEFAULTS = dict(block_n=16, block_k=512, num_warps=4, num_stages=3, sub_k
 #   split-K restores the program count.
 DECODE_TILES = {  # from benchmarks/quant_sweep.py on an H200, bf16, group 128, 2026-11-27
     8: (
-        (1, dict(block_k=1024, block_n=8, convert="magic", num_stages=2)),  # 1.01x of each point's best
+        (1, dict(block_k=1024, block_n=8, convert="magic", num_stages=2, scales_ahead=True)),  # 1.01x of each point's best;
+        # scales_ahead: 3.258 -> 3.225 ms (7B) and 0.946 -> 0.942 ms (1B) a token, H100, 2026-12-07
         (8, dict(block_k=128, block_n=64)),  # 1.03x
         (MAX_DECODE_BLOCK_M, dict(block_k=128, block_n=64)),  # 1.03x (fused_reduce: another 2 %, left off)
     ),
