@@ -23,7 +23,8 @@ Llama-architecture models with random bf16 weights shaped like the anchors in AN
 ``--prefetch-l2 0.25 0.5`` likewise once per share of the L2 a prefetch may fill (rows ``fxopt@0.25``).
 ``--int8-gemv convert=i2f convert=mixed,block_n=16`` runs every INT8 variant once per setting of the
 one-row INT8 GEMV (overrides of ``DECODE_TILES`` in ``fxopt/kernels/quant_triton.py``; rows named
-``fxopt-int8[convert=i2f]``). ``--gemv trigger_steps=1,preload=1024`` likewise runs every variant once
+``fxopt-int8[convert=i2f]``); with ``--int8-gemv-rows 8`` the settings override the entry for 2 to 8
+rows instead (batch 8; rows named ``fxopt-int8[m8:num_stages=4]``). ``--gemv trigger_steps=1,preload=1024`` likewise runs every variant once
 per setting of the one-row bf16/fp16 GEMV (``DECODE_TILES`` in ``fxopt/kernels/linear_triton.py``;
 rows named ``fxopt{trigger_steps=1,preload=1024}``), and ``--attn-preload 0 64`` once per count of
 cache slots each decode attention program warms the L2 with before its PDL wait (rows ``fxopt+ap64``).
@@ -60,6 +61,7 @@ CONFIGS = {
 DEV = "cuda"
 DEFAULT_PREFETCH_L2 = triton_env.PREFETCH_L2_FRACTION
 DEFAULT_INT8_TILES = quant_triton.DECODE_TILES[8]
+INT8_ROW_BOUNDS = [max_m for max_m, _ in DEFAULT_INT8_TILES]  # the entries --int8-gemv-rows can pick
 DEFAULT_GEMV_TILES = dict(linear_triton.DECODE_TILES)
 DEFAULT_ATTN_PRELOAD = attention_triton.DECODE_PRELOAD_SLOTS
 DEFAULT_SPLIT_BLOCKS = attention_triton.DECODE_MIN_BLOCKS_PER_SPLIT
@@ -201,11 +203,18 @@ def parse_gemv(text: str) -> dict:
     return overrides
 
 
-def set_int8_gemv(overrides: dict | None) -> None:
-    """Apply ``overrides`` to the one-row INT8 entry of quant_triton's DECODE_TILES (None: restore it).
-    Read at launch, so it holds for everything captured under it."""
-    (max_m, tiles), *rest = DEFAULT_INT8_TILES
-    quant_triton.DECODE_TILES[8] = ((max_m, {**tiles, **(overrides or {})}), *rest)
+def set_int8_gemv(setting: tuple[int, dict] | None) -> None:
+    """Apply a ``(rows, overrides)`` setting to the INT8 entry of quant_triton's DECODE_TILES whose
+    bound on the rows is ``rows`` (None: restore the table). Read at launch, so it holds for
+    everything captured under it."""
+    rows, overrides = setting or (None, {})
+    quant_triton.DECODE_TILES[8] = tuple((max_m, {**tiles, **overrides} if max_m == rows else tiles)
+                                         for max_m, tiles in DEFAULT_INT8_TILES)
+
+
+def _int8_name(setting: tuple[int, dict]) -> str:
+    rows, overrides = setting
+    return f"[{'' if rows == 1 else f'm{rows}:'}{_pairs(overrides)}]"
 
 
 def set_gemv(overrides: dict | None) -> None:
@@ -238,7 +247,7 @@ def peak_gb() -> float:
 SETTINGS = (
     ("pdl", lambda v: f"/{v}"),
     ("prefetch_l2", lambda v: f"@{v:g}"),
-    ("int8_gemv", lambda v: f"[{_pairs(v)}]"),
+    ("int8_gemv", _int8_name),
     ("gemv", lambda v: f"{{{_pairs(v)}}}"),
     ("attn_preload", lambda v: f"+ap{v}"),
     ("attn_split_blocks", lambda v: f"+sb{v}"),
@@ -394,8 +403,12 @@ def main():
     parser.add_argument("--prefetch-l2", nargs="+", type=float, default=None,
                         help="run each fxopt variant once per share of the L2 a prefetch may fill")
     parser.add_argument("--int8-gemv", nargs="+", type=parse_gemv, default=None, metavar="KEY=VAL,...",
-                        help="run each INT8 variant once per one-row GEMV setting: overrides of quant_triton's "
-                             "DECODE_TILES entry, e.g. convert=i2f,block_n=16 (rows named variant[setting])")
+                        help="run each INT8 variant once per GEMV setting: overrides of an entry of quant_triton's "
+                             "DECODE_TILES (the one-row entry, or --int8-gemv-rows'), e.g. convert=i2f,block_n=16 "
+                             "(rows named variant[setting], variant[mROWS:setting] for another entry)")
+    parser.add_argument("--int8-gemv-rows", type=int, default=1, choices=INT8_ROW_BOUNDS,
+                        help="which DECODE_TILES entry --int8-gemv overrides, by its bound on the rows: 1 is "
+                             "the one-row GEMV, 8 the launches of 2 to 8 rows (batch 8), ... (default 1)")
     parser.add_argument("--gemv", nargs="+", type=parse_gemv, default=None, metavar="KEY=VAL,...",
                         help="run each variant once per setting of the one-row bf16/fp16 GEMV: overrides of "
                              "linear_triton's DECODE_TILES, e.g. trigger_steps=1,preload=1024 (rows named "
@@ -422,9 +435,10 @@ def main():
         return
     for overrides in args.int8_gemv or []:
         try:  # bad keys and values fail here, not mid-run
-            quant_triton.decode_plan(1, 4096, 4096, 128, torch.device("cpu"), config=overrides)
+            quant_triton.decode_plan(args.int8_gemv_rows, 4096, 4096, 128, torch.device("cpu"), config=overrides)
         except ValueError as e:
             parser.error(f"--int8-gemv: {e}")
+    args.int8_gemv = args.int8_gemv and [(args.int8_gemv_rows, o) for o in args.int8_gemv]
     for slots in args.attn_preload or []:
         if slots < 0 or slots & (slots - 1):
             parser.error(f"--attn-preload: 0 or a power of two, got {slots}")

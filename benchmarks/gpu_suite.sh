@@ -1,26 +1,36 @@
 #!/usr/bin/env bash
 # Everything fxopt checks and measures on a GPU machine, in one go (logs under $OUT or ./gpu-out).
-#   bash benchmarks/gpu_suite.sh [quick|full|ab]
+#   bash benchmarks/gpu_suite.sh [quick|full|ab|anchors]
 # ab: only the A/Bs docs/performance.md lists as not yet measured, most wanted first, each under a
 # time limit (about nine minutes in all), then their tables.
+# anchors: the issues' anchor table (fxopt bf16 and INT8 against transformers eager and
+# torch.compile, batch 1 and 8, prefill 2048), one process per model, under nine minutes.
 set -uo pipefail
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"; mode=${1:-quick}
 export PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSITY=error PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
+if [ "$mode" = anchors ]; then
+  for m in llama2-7b llama-1b; do
+    timeout $([ $m = llama2-7b ] && echo 300 || echo 240) python3 benchmarks/decode.py --models $m --batches 1 8 \
+      --compile-batches 1 8 --variants fxopt fxopt-int8-nofold --json "$OUT/anchors-$m.json" > "$OUT/anchors-$m.txt" 2>&1
+  done
+  for m in llama2-7b llama-1b; do
+    [ -f "$OUT/anchors-$m.json" ] && python3 benchmarks/decode.py --table "$OUT/anchors-$m.json"
+  done
+  exit 0
+fi
 if [ "$mode" = ab ]; then
-  timeout 90 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_pdl.py tests/test_quant_triton.py \
-    tests/test_sampling_triton.py tests/test_generate.py -k "pdl_knobs or residual_batched or sampling or greedy" \
-    2>&1 | tee "$OUT/pytest-ab.txt" | tail -3
-  timeout 40 python3 -m fxopt.kernels.sampling_triton 2>&1 | tee "$OUT/bench-sampling.txt" | tail -6
+  timeout 60 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_pdl.py tests/test_linear_triton.py \
+    tests/test_fold_linear.py 2>&1 | tee "$OUT/pytest-ab.txt" | tail -3
   D="python3 benchmarks/decode.py --no-compile --prefill 0 --models llama-1b llama2-7b"
-  timeout 190 $D --batches 1 --variants fxopt --gemv trigger_steps=0 trigger_steps=1,preload=1024 \
-    --attn-preload 0 64 --json "$OUT/ab-pdl-bf16.json" > "$OUT/ab-pdl-bf16.txt" 2>&1
-  timeout 130 $D --batches 1 --variants fxopt-int8-nofold --int8-gemv trigger_steps=0 \
-    trigger_steps=1,preload=1024 scales_ahead=1 --json "$OUT/ab-int8.json" > "$OUT/ab-int8.txt" 2>&1
-  timeout 120 $D --batches 1 --variants fxopt --attn-split-blocks 1 4 8 --json "$OUT/ab-splits.json" \
-    > "$OUT/ab-splits.txt" 2>&1
-  for f in ab-pdl-bf16 ab-int8 ab-splits; do
+  timeout 150 $D --batches 8 --variants fxopt-int8-nofold --int8-gemv-rows 8 --int8-gemv num_stages=3 \
+    num_stages=4 block_n=32,num_stages=4 --json "$OUT/ab-int8-m8.json" > "$OUT/ab-int8-m8.txt" 2>&1
+  timeout 190 $D --batches 1 --variants fxopt --gemv trigger_steps=1,preload=1024 trigger_steps=2,preload=1024 \
+    trigger_steps=1,preload=512 trigger_steps=1,preload=2048 --json "$OUT/ab-gemv.json" > "$OUT/ab-gemv.txt" 2>&1
+  timeout 150 $D --batches 1 8 --variants fxopt-int8-nofold fxopt-int8-foldq --json "$OUT/ab-foldq.json" \
+    > "$OUT/ab-foldq.txt" 2>&1
+  for f in ab-int8-m8 ab-gemv ab-foldq; do
     [ -f "$OUT/$f.json" ] && python3 benchmarks/decode.py --table "$OUT/$f.json"
   done
   exit 0

@@ -49,6 +49,30 @@ def test_list_runs_names_every_combination_of_settings():
     assert plain.stdout.split() == ["fxopt/off+ap64", "fxopt/on+ap64"]
 
 
+def test_int8_gemv_rows_picks_the_entry_the_settings_override(monkeypatch):
+    result = decode_py("--variants", "fxopt-int8-nofold", "--int8-gemv-rows", "8", "--int8-gemv", "num_stages=4",
+                       "block_n=32,num_stages=4", "--list-runs")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["fxopt-int8-nofold[m8:num_stages=4]",
+                                     "fxopt-int8-nofold[m8:block_n=32,num_stages=4]"]
+    refused = decode_py("--int8-gemv-rows", "5", "--int8-gemv", "num_stages=4")
+    assert refused.returncode == 2 and "--int8-gemv-rows: invalid choice: 5" in refused.stderr
+
+    # What a run applies: the 8-row entry changes, the one-row and larger entries do not; None restores.
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    import decode
+    from fxopt.kernels import quant_triton
+    monkeypatch.setitem(quant_triton.DECODE_TILES, 8, quant_triton.DECODE_TILES[8])
+    before = {m: quant_triton.decode_tiles(m, 8) for m in (1, 5, 8, 16)}
+    decode.set_int8_gemv((8, dict(block_n=32, num_stages=4)))
+    after = {m: quant_triton.decode_tiles(m, 8) for m in (1, 5, 8, 16)}
+    assert after[1] == before[1] and after[16] == before[16]
+    for m in (5, 8):
+        assert after[m] == {**before[m], "block_n": 32, "num_stages": 4} != before[m]
+    decode.set_int8_gemv(None)
+    assert {m: quant_triton.decode_tiles(m, 8) for m in (1, 5, 8, 16)} == before
+
+
 def test_table_reprints_a_saved_run(tmp_path):
     rows = [dict(model="llama-1b", system="fxopt{trigger_steps=1,preload=1024}+ap64", batch=1, ms_per_token=0.913,
                  tokens_per_s=1095.3, floor_ms=0.58, pct_of_floor=63.5, compile_s=7.9, peak_GB=3.1),
