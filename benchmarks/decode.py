@@ -24,9 +24,10 @@ Llama-architecture models with random bf16 weights shaped like the anchors in AN
 ``--int8-gemv convert=i2f convert=mixed,block_n=16`` runs every INT8 variant once per setting of the
 one-row INT8 GEMV (overrides of ``DECODE_TILES`` in ``fxopt/kernels/quant_triton.py``; rows named
 ``fxopt-int8[convert=i2f]``); with ``--int8-gemv-rows 8`` the settings override the entry for 2 to 8
-rows instead (batch 8; rows named ``fxopt-int8[m8:num_stages=4]``). ``--gemv trigger_steps=1,preload=1024`` likewise runs every variant once
-per setting of the one-row bf16/fp16 GEMV (``DECODE_TILES`` in ``fxopt/kernels/linear_triton.py``;
-rows named ``fxopt{trigger_steps=1,preload=1024}``), and ``--attn-preload 0 64`` once per count of
+rows instead (batch 8; rows named ``fxopt-int8[m8:num_stages=4]``).
+``--gemv trigger_steps=1,preload=1024`` likewise runs every variant once per setting of the one-row
+bf16/fp16 GEMV (``DECODE_TILES`` in ``fxopt/kernels/linear_triton.py``; rows named
+``fxopt{trigger_steps=1,preload=1024}``), and ``--attn-preload 0 64`` once per count of
 cache slots each decode attention program warms the L2 with before its PDL wait (rows ``fxopt+ap64``).
 ``--attn-split-blocks 1 8`` once per count of cache blocks a decode attention split must own
 (``DECODE_MIN_BLOCKS_PER_SPLIT``: 8 leaves the benchmark's 264-slot cache one split and no merge

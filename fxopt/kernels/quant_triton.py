@@ -182,8 +182,9 @@ DECODE_DEFAULTS = dict(block_n=16, block_k=512, num_warps=4, num_stages=3, sub_k
 #   split-K restores the program count.
 DECODE_TILES = {  # from benchmarks/quant_sweep.py on an H200, bf16, group 128, 2026-11-27
     8: (
-        (1, dict(block_k=1024, block_n=8, convert="magic", num_stages=2, scales_ahead=True)),  # 1.01x of each point's best;
-        # scales_ahead: 3.258 -> 3.225 ms (7B) and 0.946 -> 0.942 ms (1B) a token, H100, 2026-12-07
+        # 1.01x of each point's best; scales_ahead: 3.258 -> 3.225 ms (7B) and 0.946 -> 0.942 ms (1B)
+        # a token, H100, 2026-12-07 (at 8 rows it was 1-5 % slower on 7 of 8 shapes: off there)
+        (1, dict(block_k=1024, block_n=8, convert="magic", num_stages=2, scales_ahead=True)),
         (8, dict(block_k=128, block_n=64)),  # 1.03x
         (MAX_DECODE_BLOCK_M, dict(block_k=128, block_n=64)),  # 1.03x (fused_reduce: another 2 %, left off)
     ),
