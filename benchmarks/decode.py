@@ -404,9 +404,9 @@ def main():
     parser.add_argument("--prefetch-l2", nargs="+", type=float, default=None,
                         help="run each fxopt variant once per share of the L2 a prefetch may fill")
     parser.add_argument("--int8-gemv", nargs="+", type=parse_gemv, default=None, metavar="KEY=VAL,...",
-                        help="run each INT8 variant once per GEMV setting: overrides of an entry of quant_triton's "
-                             "DECODE_TILES (the one-row entry, or --int8-gemv-rows'), e.g. convert=i2f,block_n=16 "
-                             "(rows named variant[setting], variant[mROWS:setting] for another entry)")
+                        help="run each INT8 variant once per GEMV setting: overrides of the quant_triton "
+                             "DECODE_TILES entry --int8-gemv-rows picks (the one-row GEMV by default), e.g. "
+                             "convert=i2f,block_n=16 (rows named variant[setting], or variant[mROWS:setting])")
     parser.add_argument("--int8-gemv-rows", type=int, default=1, choices=INT8_ROW_BOUNDS,
                         help="which DECODE_TILES entry --int8-gemv overrides, by its bound on the rows: 1 is "
                              "the one-row GEMV, 8 the launches of 2 to 8 rows (batch 8), ... (default 1)")

@@ -41,9 +41,9 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # has finished: no more than two kernels are ever in flight.
 #
 # Two knobs of the one-row GEMVs (linear_triton, quant_triton: ``trigger_steps`` and ``preload`` in
-# their tile settings) stretch the overlap. A GEMV's weight is a constant, so
-# its programs may warm the L2 with the first ``preload`` bytes of their weight rows *before* step
-# 1 (``l2_prefetch_rows``: a hint, it writes nothing); and a GEMV may trigger ``trigger_steps`` K
+# their tile settings) stretch the overlap. A GEMV's weight is a constant, so its programs may warm
+# the L2 with the first ``preload`` bytes of their weight rows *before* step 1
+# (``l2_prefetch_rows``: a hint, it writes nothing); and a GEMV may trigger ``trigger_steps`` K
 # steps before the end of its loop (still after its own wait, so 2's bound holds), so that the next
 # kernel is resident, prefetching, while this one streams its last steps. Neither changes a bit of
 # any result (tests/test_pdl.py).
