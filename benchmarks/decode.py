@@ -16,7 +16,9 @@ Llama-architecture models with random bf16 weights shaped like the anchors in AN
   output projection's weight), ``fxopt-prefetch-linears`` (every GEMV also prefetches the start of
   the next one's weight), ``fxopt-int8`` (``quantize`` then ``fold_linear``; INT8 linears stay
   unfolded unless ``fold_quant_linear=True``), ``fxopt-int8-nofold``, ``fxopt-int8-prefetch``
-  (unfolded, with ``prefetch``), ``fxopt-int8-foldq`` (the INT8 linears folded too).
+  (unfolded, with ``prefetch``), ``fxopt-int8-foldq`` (the INT8 linears folded too),
+  ``fxopt-int8-foldq-norm`` (only their norms and residuals) and ``fxopt-int8-foldq-gated`` (only
+  the gated activation).
 
 ``--pdl off on`` runs every fxopt variant once per programmatic-dependent-launch mode
 (``fxopt/kernels/triton_env.py``), as rows named ``fxopt/off``; without it, fxopt's default (on).
@@ -66,6 +68,7 @@ INT8_ROW_BOUNDS = [max_m for max_m, _ in DEFAULT_INT8_TILES]  # the entries --in
 DEFAULT_GEMV_TILES = dict(linear_triton.DECODE_TILES)
 DEFAULT_ATTN_PRELOAD = attention_triton.DECODE_PRELOAD_SLOTS
 DEFAULT_SPLIT_BLOCKS = attention_triton.DECODE_MIN_BLOCKS_PER_SPLIT
+DEFAULT_FOLDED_BLOCK_N = quant_triton.FOLDED_MIN_BLOCK_N
 # fxopt pipelines the benchmark can run: (passes, options); passes None: fxopt's default pipeline
 PREFETCH = ["canonicalize", "kv_cache", "fuse", "fold_linear", "prefetch", "dce", "cuda_graph"]
 VARIANTS = {
@@ -80,6 +83,10 @@ VARIANTS = {
     "fxopt-int8-prefetch": (["canonicalize", "kv_cache", "fuse", "quantize", "prefetch", "dce", "cuda_graph"], {}),
     "fxopt-int8-foldq": (["canonicalize", "kv_cache", "fuse", "quantize", "fold_linear", "dce", "cuda_graph"],
                          dict(fold_quant_linear=True)),
+    "fxopt-int8-foldq-norm": (["canonicalize", "kv_cache", "fuse", "quantize", "fold_linear", "dce", "cuda_graph"],
+                              dict(fold_quant_linear=("residual", "rms_norm"))),
+    "fxopt-int8-foldq-gated": (["canonicalize", "kv_cache", "fuse", "quantize", "fold_linear", "dce", "cuda_graph"],
+                               dict(fold_quant_linear=("gated",))),
 }
 
 
@@ -252,6 +259,7 @@ SETTINGS = (
     ("gemv", lambda v: f"{{{_pairs(v)}}}"),
     ("attn_preload", lambda v: f"+ap{v}"),
     ("attn_split_blocks", lambda v: f"+sb{v}"),
+    ("int8_folded_rows", lambda v: f"+fr{v}"),
 )
 
 
@@ -268,7 +276,7 @@ def planned_runs(args) -> list[dict]:
         combos = [{}]
         for key, _ in SETTINGS:
             values = getattr(args, key) or [None]
-            if key == "int8_gemv" and "int8" not in variant:
+            if key in ("int8_gemv", "int8_folded_rows") and "int8" not in variant:
                 values = [None]
             combos = [{**c, key: v} for c in combos for v in values]
         for combo in combos:
@@ -301,7 +309,7 @@ def run_model(name, args, ceil, rows, prefills):
         with torch.inference_mode():
             hf_prefill = ev_time(lambda: model(input_ids=ids, use_cache=False, logits_to_keep=1), iters=5) * 1e3
 
-    for batch in args.batches:
+    for batch in [] if args.no_eager else args.batches:
         torch.cuda.reset_peak_memory_stats()
         add("hf-eager", batch, hf_decode(model, model.forward, batch, args.prompt, args.new), peak=peak_gb())
 
@@ -316,6 +324,7 @@ def run_model(name, args, ceil, rows, prefills):
             attention_triton.DECODE_PRELOAD_SLOTS = (DEFAULT_ATTN_PRELOAD if run["attn_preload"] is None
                                                      else run["attn_preload"])
             attention_triton.DECODE_MIN_BLOCKS_PER_SPLIT = run["attn_split_blocks"] or DEFAULT_SPLIT_BLOCKS
+            quant_triton.FOLDED_MIN_BLOCK_N = run["int8_folded_rows"] or DEFAULT_FOLDED_BLOCK_N
             torch.cuda.reset_peak_memory_stats()
             t0 = time.perf_counter()
             compiled = fxopt.compile(model, passes=passes, max_batch_size=max_batch, max_seq_len=seq, **options)
@@ -336,6 +345,7 @@ def run_model(name, args, ceil, rows, prefills):
         set_gemv(None)
         attention_triton.DECODE_PRELOAD_SLOTS = DEFAULT_ATTN_PRELOAD
         attention_triton.DECODE_MIN_BLOCKS_PER_SPLIT = DEFAULT_SPLIT_BLOCKS
+        quant_triton.FOLDED_MIN_BLOCK_N = DEFAULT_FOLDED_BLOCK_N
         gc.collect()
         torch.cuda.empty_cache()
     flops = 2 * sum(p.numel() for n, p in model.named_parameters() if "embed" not in n) * args.prefill
@@ -395,6 +405,8 @@ def main():
     parser.add_argument("--new", type=int, default=128)
     parser.add_argument("--prefill", type=int, default=2048, help="prefill benchmark length (batch 1); 0 skips it")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile anchor (slow to compile)")
+    parser.add_argument("--no-eager", action="store_true",
+                        help="skip the transformers eager anchor (for A/Bs between fxopt settings; needs --prefill 0)")
     parser.add_argument("--compile-batches", nargs="+", type=int, default=None,
                         help="batch sizes for the torch.compile anchor (default: --batches)")
     parser.add_argument("--variants", nargs="+", default=["fxopt", "fxopt-int8"], choices=sorted(VARIANTS),
@@ -422,6 +434,10 @@ def main():
                         help="run each variant once per count of cache blocks a decode attention split must "
                              "own (attention_triton.DECODE_MIN_BLOCKS_PER_SPLIT, >= 1; fewer splits for short "
                              "caches, one split: no merge kernel; rows named variant+sbBLOCKS)")
+    parser.add_argument("--int8-folded-rows", nargs="+", type=int, default=None, metavar="ROWS",
+                        help="run each INT8 variant once per count of weight rows a one-row INT8 GEMV program "
+                             "at least takes when a norm or activation is folded into it (quant_triton."
+                             "FOLDED_MIN_BLOCK_N; a power of two; rows named variant+frROWS)")
     parser.add_argument("--list-runs", action="store_true",
                         help="print the fxopt runs (row names) these arguments ask for, per model, and exit")
     parser.add_argument("--table", metavar="JSON", default=None,
@@ -440,9 +456,14 @@ def main():
         except ValueError as e:
             parser.error(f"--int8-gemv: {e}")
     args.int8_gemv = args.int8_gemv and [(args.int8_gemv_rows, o) for o in args.int8_gemv]
+    if args.no_eager and args.prefill:
+        parser.error("--no-eager: the prefill table needs its eager anchor; pass --prefill 0 too")
     for slots in args.attn_preload or []:
         if slots < 0 or slots & (slots - 1):
             parser.error(f"--attn-preload: 0 or a power of two, got {slots}")
+    for rows in args.int8_folded_rows or []:
+        if rows < 1 or rows & (rows - 1):
+            parser.error(f"--int8-folded-rows: a power of two, got {rows}")
     for blocks in args.attn_split_blocks or []:
         if blocks < 1:
             parser.error(f"--attn-split-blocks: at least 1, got {blocks}")

@@ -2,7 +2,7 @@
 # Everything fxopt checks and measures on a GPU machine, in one go (logs under $OUT or ./gpu-out).
 #   bash benchmarks/gpu_suite.sh [quick|full|ab|anchors]
 # ab: only the A/Bs docs/performance.md lists as not yet measured, most wanted first, each under a
-# time limit (about nine minutes in all), then their tables.
+# time limit (about eight minutes in all), then their tables.
 # anchors: the issues' anchor table (fxopt bf16 and INT8 against transformers eager and
 # torch.compile, batch 1 and 8, prefill 2048), one process per model, under nine minutes.
 set -uo pipefail
@@ -13,7 +13,7 @@ python3 -c "import torch, triton, transformers; print('torch', torch.__version__
 if [ "$mode" = anchors ]; then
   for m in llama2-7b llama-1b; do
     timeout $([ $m = llama2-7b ] && echo 300 || echo 240) python3 benchmarks/decode.py --models $m --batches 1 8 \
-      --compile-batches 1 8 --variants fxopt fxopt-int8-nofold --json "$OUT/anchors-$m.json" > "$OUT/anchors-$m.txt" 2>&1
+      --compile-batches 1 8 --variants fxopt fxopt-int8 --json "$OUT/anchors-$m.json" > "$OUT/anchors-$m.txt" 2>&1
   done
   for m in llama2-7b llama-1b; do
     [ -f "$OUT/anchors-$m.json" ] && python3 benchmarks/decode.py --table "$OUT/anchors-$m.json"
@@ -23,14 +23,14 @@ fi
 if [ "$mode" = ab ]; then
   timeout 60 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_pdl.py tests/test_linear_triton.py \
     tests/test_fold_linear.py 2>&1 | tee "$OUT/pytest-ab.txt" | tail -3
-  D="python3 benchmarks/decode.py --no-compile --prefill 0 --models llama-1b llama2-7b"
-  timeout 150 $D --batches 8 --variants fxopt-int8-nofold --int8-gemv-rows 8 --int8-gemv num_stages=3 \
-    num_stages=4 block_n=32,num_stages=4 --json "$OUT/ab-int8-m8.json" > "$OUT/ab-int8-m8.txt" 2>&1
-  timeout 190 $D --batches 1 --variants fxopt --gemv trigger_steps=1,preload=1024 trigger_steps=2,preload=1024 \
-    trigger_steps=1,preload=512 trigger_steps=1,preload=2048 --json "$OUT/ab-gemv.json" > "$OUT/ab-gemv.txt" 2>&1
-  timeout 150 $D --batches 1 8 --variants fxopt-int8-nofold fxopt-int8-foldq --json "$OUT/ab-foldq.json" \
-    > "$OUT/ab-foldq.txt" 2>&1
-  for f in ab-int8-m8 ab-gemv ab-foldq; do
+  D="python3 benchmarks/decode.py --no-compile --no-eager --prefill 0 --models llama-1b llama2-7b"
+  timeout 150 $D --batches 1 8 --variants fxopt-int8-nofold fxopt-int8 --json "$OUT/ab-int8-fold.json" \
+    > "$OUT/ab-int8-fold.txt" 2>&1
+  timeout 150 $D --batches 1 --variants fxopt-int8 --int8-folded-rows 8 16 32 --json "$OUT/ab-folded-rows.json" \
+    > "$OUT/ab-folded-rows.txt" 2>&1
+  timeout 150 $D --batches 1 --variants fxopt --gemv trigger_steps=2,preload=1024 trigger_steps=2,preload=2048 \
+    trigger_steps=3,preload=2048 --json "$OUT/ab-gemv.json" > "$OUT/ab-gemv.txt" 2>&1
+  for f in ab-int8-fold ab-folded-rows ab-gemv; do
     [ -f "$OUT/$f.json" ] && python3 benchmarks/decode.py --table "$OUT/$f.json"
   done
   exit 0

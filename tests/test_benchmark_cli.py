@@ -25,6 +25,8 @@ def decode_py(*args: str) -> subprocess.CompletedProcess:
     (["--int8-gemv", "convert=nope"], "config convert must be one of"),
     (["--attn-preload", "48"], "--attn-preload: 0 or a power of two, got 48"),
     (["--attn-split-blocks", "4", "0"], "--attn-split-blocks: at least 1, got 0"),
+    (["--no-eager"], "--no-eager: the prefill table needs its eager anchor; pass --prefill 0 too"),
+    (["--int8-folded-rows", "16", "24"], "--int8-folded-rows: a power of two, got 24"),
 ])
 def test_bad_settings_are_refused_before_a_run(args, message):
     result = decode_py(*args)
@@ -47,6 +49,8 @@ def test_list_runs_names_every_combination_of_settings():
     ]
     plain = decode_py("--variants", "fxopt", "--pdl", "off", "on", "--attn-preload", "64", "--list-runs")
     assert plain.stdout.split() == ["fxopt/off+ap64", "fxopt/on+ap64"]
+    folded = decode_py("--variants", "fxopt", "fxopt-int8", "--int8-folded-rows", "8", "32", "--list-runs")
+    assert folded.stdout.split() == ["fxopt", "fxopt-int8+fr8", "fxopt-int8+fr32"]
 
 
 def test_int8_gemv_rows_picks_the_entry_the_settings_override(monkeypatch):

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import fxopt
+from fxopt.errors import PassError
 from families import VOCAB, tiny
 from fxopt.ir import is_op, module_path
 from fxopt.passes.fold_linear import fold_linears, unfold_linears
@@ -109,6 +110,35 @@ def test_quantize_before_or_after_fold(order, fold_quant):
     ids = torch.randint(0, VOCAB, (2, 9))
     err = (compiled(ids).logits - model(ids).logits).norm() / model(ids).logits.norm()
     assert err < 0.05
+
+
+@pytest.mark.parametrize("kinds, want", [
+    (("gated",), [("none", False)] * 3 + [("gated_silu", False)]),
+    (("residual", "rms_norm"), [("rms_norm", False)] * 2 + [("none", True)] * 2),
+    (("residual", "gated"), [("none", True)] + [("none", False)] * 2 + [("gated_silu", True)]),
+])
+def test_fold_quant_linear_by_kind(kinds, want):
+    """fold_quant_linear names the kinds INT8 linears take: per block, only those fold (the sorted
+    (prologue, has residual) of its four quant_linears is ``want``), the activation or the norms
+    left stay kernels of their own, and the logits still match the eager model."""
+    model = tiny("llama")
+    compiled = fxopt.compile(model, passes=["canonicalize", "kv_cache", "fuse", "quantize", "fold_linear", "dce"],
+                             max_seq_len=64, fold_quant_linear=kinds)
+    gm = compiled.graph_module
+    quant = ops(gm, fx_ops.quant_linear)
+    got = sorted((n.args[8] if len(n.args) > 8 else "none", len(n.args) > 7 and n.args[7] is not None) for n in quant)
+    assert got == sorted(want * LAYERS)
+    assert len(ops(gm, fx_ops.gated_act)) == (0 if "gated" in kinds else LAYERS)
+    assert not ops(gm, aten.add)  # every residual is in a linear or an add_rms_norm
+    ids = torch.randint(0, VOCAB, (3, 11))
+    err = (compiled(ids).logits - model(ids).logits).norm() / model(ids).logits.norm()
+    assert err < 0.05
+
+
+def test_fold_quant_linear_refuses_an_unknown_kind():
+    with pytest.raises(PassError, match="fold_linear.*unknown kind.*'norm'"):
+        fxopt.compile(tiny("llama"), passes=["canonicalize", "kv_cache", "fuse", "quantize", "fold_linear"],
+                      max_seq_len=64, fold_quant_linear=("norm",))
 
 
 def test_no_residual_is_folded_before_an_all_reduce():

@@ -50,9 +50,11 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Tiles: BLOCK_N output features x BLOCK_K input features a step. From the H200 sweep in
 # benchmark() (bf16, llama2-7b / llama-1b shapes, 19 settings): 8 x 512, 3 stages, 4 warps was within
 # 3 % of each shape's best but one (llama-1b's down projection: 11.9 us against 10.9 with 8 x 1024).
-DECODE_TILES = dict(block_n=8, block_k=512, num_warps=4, num_stages=3, trigger_steps=1, preload=1024)
-# trigger_steps=1, preload=1024 (the PDL knobs below) against 0 / 0: 4.801 -> 4.777 ms a token (7B) and
-# 1.039 -> 1.030 ms (1B), batch 1, H100 80GB HBM3, 2026-12-07 (benchmarks/decode.py --gemv).
+DECODE_TILES = dict(block_n=8, block_k=512, num_warps=4, num_stages=3, trigger_steps=2, preload=1024)
+# The PDL knobs (below), batch 1, H100 80GB HBM3, 2026-12-07 (benchmarks/decode.py --gemv), ms a token:
+# 0 / 0 -> trigger_steps=1, preload=1024: 4.801 -> 4.777 (7B), 1.039 -> 1.030 (1B); then in two runs
+# trigger_steps=2: 4.779 -> 4.753 and 4.774 -> 4.747 (7B), 1.028 -> 1.018 and 1.030 -> 1.018 (1B);
+# trigger_steps=3: 4.736 (7B) but 1.040 (1B); preload=2048 with 2 steps: 4.736, 1.023.
 # The two PDL knobs (triton_env; both no-ops without PDL):
 #   trigger_steps  let the next kernel launch this many K steps before the end of the loop (0:
 #                  after the loop), so that it is resident -- and warming its weights -- while

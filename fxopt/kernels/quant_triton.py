@@ -185,7 +185,8 @@ DECODE_TILES = {  # from benchmarks/quant_sweep.py on an H200, bf16, group 128, 
         # 1.01x of each point's best; scales_ahead: 3.258 -> 3.225 ms (7B) and 0.946 -> 0.942 ms (1B)
         # a token, H100, 2026-12-07 (at 8 rows it was 1-5 % slower on 7 of 8 shapes: off there)
         (1, dict(block_k=1024, block_n=8, convert="magic", num_stages=2, scales_ahead=True)),
-        (8, dict(block_k=128, block_n=64)),  # 1.03x
+        # 4 stages: 3.863 -> 3.823 ms (7B), 1.029 -> 1.018 (1B) a token at batch 8, H100, 2026-12-07
+        (8, dict(block_k=128, block_n=64, num_stages=4)),
         (MAX_DECODE_BLOCK_M, dict(block_k=128, block_n=64)),  # 1.03x (fused_reduce: another 2 %, left off)
     ),
     4: (

@@ -34,13 +34,14 @@ in order, each read off the dataflow:
 A linear after an all-reduce (tensor parallelism) is not followed by its add directly, so the
 residual is never added before the reduction.
 
-``quant_linear`` nodes fold only with the option ``fold_quant_linear=True``: their decode kernel
-takes the same prologue and epilogue, but on an H200 (2026-11-27) folding made the llama2-7b INT8
-step slower (3.02 ms against 2.86 ms at batch 1; llama-1b 0.902 against 0.896 ms), and on an H100
-(2026-12-07) it helped only the llama-1b shape at batch 1 (docs/performance.md). Around an unfolded ``quant_linear``, rule 4 keeps the
-residual add and the norm after it one kernel. ``unfold_linears`` is the inverse of rules 1-3 for ``fxopt.linear``,
-for a pass that meets them and knows only plain linears (``quantize`` on an already folded graph
-unfolds, quantizes and folds again).
+``quant_linear`` nodes fold by the option ``fold_quant_linear``: True for every rule, False for none,
+or some of the kinds ``("residual", "rms_norm", "gated")`` (rules 1, 2, 3) for those alone. Their
+decode kernel takes the same prologue and epilogue, but every program computes its prologue over all
+of K, which costs more than the gated activation's own kernel: the default (``QUANT_DEFAULT``, its
+measurements beside it) folds the residuals and the norms only. Around an unfolded ``quant_linear``,
+rule 4 keeps the residual add and the norm after it one kernel. ``unfold_linears`` is the inverse of
+rules 1-3 for ``fxopt.linear``, for a pass that meets them and knows only plain linears
+(``quantize`` on an already folded graph unfolds, quantizes and folds again).
 
 Stats: per rule, how many times it fired.
 """
@@ -68,6 +69,15 @@ CORE = {aten.linear.default: ("weight", "bias"), LINEAR: ("weight", "bias"),
         QUANT_LINEAR: ("qweight", "scales", "bias", "group_size", "bits", "in_features")}
 FOLDED = ("residual", "prologue", "norm_weight", "eps")
 DEFAULTS = dict(bias=None, residual=None, prologue="none", norm_weight=None, eps=0.0)
+# What ``fold_quant_linear`` may name: the residual epilogue (rule 1), the norm and the gated
+# activation prologues (rules 2, 3).
+QUANT_KINDS = ("residual", "rms_norm", "gated")
+# The default: the residuals and norms fold into INT8 linears, the gated activation stays a kernel
+# of its own. On an H100 (2026-12-07, batch 1) against nothing folded: llama-1b 0.941 -> 0.877 ms a
+# token, llama2-7b 3.222 -> 3.153; folding everything gave 0.918 / 3.279, the activation alone
+# 0.983 / 3.341 (the down projection's K = 11008 makes recomputing the activation in every program
+# cost more than its kernel).
+QUANT_DEFAULT = ("residual", "rms_norm")
 
 
 def linear_fields(node: fx.Node, quant: bool = True) -> dict | None:
@@ -174,13 +184,17 @@ def _fold_add(gm: fx.GraphModule, node: fx.Node, quant: bool) -> bool:
     return True
 
 
-def _fold_prologue(gm: fx.GraphModule, node: fx.Node, quant: bool) -> str | None:
-    """Rules 2 and 3 on a linear node; returns the rule that fired."""
-    fields = linear_fields(node, quant)
+def _fold_prologue(gm: fx.GraphModule, node: fx.Node, kinds: frozenset) -> str | None:
+    """Rules 2 and 3 on a linear node (a ``quant_linear`` for the prologue ``kinds`` only);
+    returns the rule that fired."""
+    fields = linear_fields(node)
     if fields is None or fields["prologue"] != "none":
         return None
     a = fields["x"]
     if not isinstance(a, fx.Node) or len(a.users) != 1:
+        return None
+    if fields["op"] is QUANT_LINEAR and not ((is_op(a, RMS_NORM) and "rms_norm" in kinds) or
+                                             (is_op(a, GATED_ACT) and "gated" in kinds)):
         return None
     if is_op(a, RMS_NORM):
         h, g, eps = a.args
@@ -223,15 +237,30 @@ def _refuse_add_norm(gm: fx.GraphModule, norm: fx.Node) -> bool:
     return True
 
 
-def fold_linears(gm: fx.GraphModule, quant: bool = False) -> Counter:
-    """Apply rules 1-4 everywhere (to ``quant_linear`` nodes too with ``quant``); counts by rule."""
+def quant_kinds(option) -> frozenset:
+    """The fold kinds ``quant_linear`` nodes take, from the ``fold_quant_linear`` option (False,
+    True, or some of QUANT_KINDS); raises ValueError naming an unknown kind."""
+    if isinstance(option, bool) or option is None:
+        return frozenset(QUANT_KINDS) if option else frozenset()
+    kinds = frozenset([option] if isinstance(option, str) else option)
+    unknown = sorted(kinds - set(QUANT_KINDS))
+    if unknown:
+        raise ValueError(f"fold_quant_linear: unknown kind(s) {unknown}; expected True, False or some of {QUANT_KINDS}")
+    return kinds
+
+
+def fold_linears(gm: fx.GraphModule, quant=False) -> Counter:
+    """Apply rules 1-4 everywhere (to ``quant_linear`` nodes too with ``quant``: True, or the kinds
+    of ``quant_kinds``); counts by rule."""
+    kinds = quant_kinds(quant)
     counts = Counter()
     for node in list(gm.graph.nodes):
-        if (is_op(node, ADD_RMS_NORM) and _fold_residual(gm, node, quant)) or (
-                is_op(node, aten.add.Tensor) and _fold_add(gm, node, quant)):
+        q = "residual" in kinds
+        if (is_op(node, ADD_RMS_NORM) and _fold_residual(gm, node, q)) or (
+                is_op(node, aten.add.Tensor) and _fold_add(gm, node, q)):
             counts["linear_residual"] += 1
     for node in list(gm.graph.nodes):
-        rule = _fold_prologue(gm, node, quant)
+        rule = _fold_prologue(gm, node, kinds)
         if rule:
             counts[rule] += 1
     for node in list(gm.graph.nodes):
@@ -280,5 +309,5 @@ class FoldLinear(Pass):
     name = "fold_linear"
 
     def run(self, gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
-        counts = fold_linears(gm, quant=bool(ctx.option("fold_quant_linear", False)))
+        counts = fold_linears(gm, quant=ctx.option("fold_quant_linear", QUANT_DEFAULT))
         return PassResult(changed=bool(counts), stats=dict(counts))
