@@ -181,15 +181,19 @@ def fxopt_decode(compiled, vocab, batch, prompt, new, reps=2) -> tuple[float, fl
     return best
 
 
-def fxopt_prefill(model, ids) -> float:
-    """ms of fxopt's prefill of ``ids`` (batch 1), compiled with a cache just long enough."""
+def fxopt_prefill(model, ids, in_place: bool = True) -> float:
+    """ms of fxopt's prefill of ``ids`` (batch 1), compiled with a cache just long enough; with
+    ``in_place`` False the prefill graph adds its residuals out of place (``last_token.py``)."""
     import fxopt
+    from fxopt.runtime import last_token
+    last_token.IN_PLACE_RESIDUALS = in_place
     compiled = fxopt.compile(model, max_batch_size=1, max_seq_len=ids.shape[1] + 8)
     times = []
     for _ in range(4):
         compiled.generate(ids, max_new_tokens=1, eos_token_id=None)
         times.append(compiled.last_timings["prefill_ms"])
     del compiled
+    last_token.IN_PLACE_RESIDUALS = True
     torch.cuda.empty_cache()
     return min(times[1:])
 
@@ -350,11 +354,13 @@ def run_model(name, args, ceil, rows, prefills):
         torch.cuda.empty_cache()
     flops = 2 * sum(p.numel() for n, p in model.named_parameters() if "embed" not in n) * args.prefill
     if args.prefill:
-        prefills.append(dict(model=name, tokens=args.prefill, hf_eager_ms=round(hf_prefill, 2),
-                             fxopt_ms=round(_or_nan(fxopt_prefill, model, ids.cpu()), 2),
-                             matmul_floor_ms=round(flops / (ceil["bf16_gemm_TFLOPs"] * 1e12) * 1e3, 2)))
-        print(prefills[-1], flush=True)
-        save(args, ceil, rows, prefills)
+        for in_place in args.prefill_in_place or [None]:
+            ms = _or_nan(fxopt_prefill, model, ids.cpu(), in_place != "off")
+            prefills.append(dict(model=name, tokens=args.prefill, hf_eager_ms=round(hf_prefill, 2),
+                                 fxopt_ms=round(ms, 2), in_place=in_place,
+                                 matmul_floor_ms=round(flops / (ceil["bf16_gemm_TFLOPs"] * 1e12) * 1e3, 2)))
+            print(prefills[-1], flush=True)
+            save(args, ceil, rows, prefills)
 
     if not args.no_compile:
         import torch._inductor.config as ic
@@ -393,7 +399,9 @@ def table(rows, prefills) -> str:
     lines += [f"{r['model']:<10} {r['system']:<{w}} ERROR {r['error'][:150]}" for r in rows if "error" in r]
     lines += ["", f"{'prefill':<10} {'tokens':>6} {'hf-eager ms':>11} {'fxopt ms':>9} {'matmul floor ms':>15}"]
     for p in prefills:
-        lines.append(f"{p['model']:<10} {p['tokens']:>6} {p['hf_eager_ms']:>11} {p['fxopt_ms']:>9} {p['matmul_floor_ms']:>15}")
+        setting = f"  residuals in place: {p['in_place']}" if p.get("in_place") else ""
+        lines.append(f"{p['model']:<10} {p['tokens']:>6} {p['hf_eager_ms']:>11} {p['fxopt_ms']:>9} "
+                     f"{p['matmul_floor_ms']:>15}{setting}")
     return "\n".join(lines)
 
 
@@ -405,6 +413,9 @@ def main():
     parser.add_argument("--new", type=int, default=128)
     parser.add_argument("--prefill", type=int, default=2048, help="prefill benchmark length (batch 1); 0 skips it")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile anchor (slow to compile)")
+    parser.add_argument("--prefill-in-place", nargs="+", default=None, choices=["on", "off"],
+                        help="time fxopt's prefill once per setting of the prefill graph's in-place residuals "
+                             "(fxopt.linear_add_, runtime/last_token.py; default: fxopt's default, on)")
     parser.add_argument("--no-eager", action="store_true",
                         help="skip the transformers eager anchor (for A/Bs between fxopt settings; needs --prefill 0)")
     parser.add_argument("--compile-batches", nargs="+", type=int, default=None,

@@ -81,7 +81,8 @@ def test_table_reprints_a_saved_run(tmp_path):
     rows = [dict(model="llama-1b", system="fxopt{trigger_steps=1,preload=1024}+ap64", batch=1, ms_per_token=0.913,
                  tokens_per_s=1095.3, floor_ms=0.58, pct_of_floor=63.5, compile_s=7.9, peak_GB=3.1),
             dict(model="llama-1b", system="fxopt-int8", error="RuntimeError('out of memory')")]
-    prefill = [dict(model="llama-1b", tokens=2048, hf_eager_ms=13.4, fxopt_ms=8.22, matmul_floor_ms=5.06)]
+    prefill = [dict(model="llama-1b", tokens=2048, hf_eager_ms=13.4, fxopt_ms=8.22, matmul_floor_ms=5.06),
+               dict(model="llama-1b", tokens=2048, hf_eager_ms=13.4, fxopt_ms=8.41, matmul_floor_ms=5.06, in_place="off")]
     path = tmp_path / "run.json"
     path.write_text(json.dumps({"meta": {"gpu": "NVIDIA H200", "date": "2026-12-07"}, "decode": rows, "prefill": prefill}))
     result = decode_py("--table", str(path))
@@ -91,4 +92,6 @@ def test_table_reprints_a_saved_run(tmp_path):
     row = next(line for line in lines if "+ap64" in line).split()
     assert row[:4] == ["llama-1b", "fxopt{trigger_steps=1,preload=1024}+ap64", "1", "0.913"]
     assert any("fxopt-int8" in line and "ERROR" in line and "out of memory" in line for line in lines)
-    assert any(line.split()[:5] == ["llama-1b", "2048", "13.4", "8.22", "5.06"] for line in lines)
+    assert any(line.split() == ["llama-1b", "2048", "13.4", "8.22", "5.06"] for line in lines)  # a run of old
+    assert any(line.split() == ["llama-1b", "2048", "13.4", "8.41", "5.06", "residuals", "in", "place:", "off"]
+               for line in lines)

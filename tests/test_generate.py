@@ -189,3 +189,73 @@ def test_generate_runs_without_autograd():
     compiled.prefill = lambda *a: (seen.append(torch.is_grad_enabled()), prefill(*a))[1]
     compiled.generate(torch.randint(0, VOCAB, (2, 4)), max_new_tokens=5, eos_token_id=None)
     assert len(seen) == 5 and not any(seen)
+
+
+@pytest.mark.parametrize("family", CAUSAL)
+def test_prefill_graph_adds_each_residual_in_place(family):
+    """In the prefill graph every folded residual whose old value nothing reads later becomes
+    ``fxopt.linear_add_`` (the residual stream updated in place), and two prefills in a row give
+    the full forward's logits (no state leaks from one into the next)."""
+    compiled = fxopt.compile(tiny(family), max_batch_size=4, max_seq_len=48)
+    decode_residuals = [n for n in compiled.graph.nodes
+                        if n.target is torch.ops.fxopt.linear.default and n.args[3] is not None]
+    gen = torch.Generator().manual_seed(5)
+    for seq, last in ((7, [6, 0, 3]), (11, [10, 4, 7])):
+        ids = torch.randint(0, VOCAB, (3, seq), generator=gen)
+        pos = torch.arange(seq).expand(3, -1)
+        want = compiled(input_ids=ids, position_ids=pos).logits[torch.arange(3), torch.tensor(last)]
+        torch.testing.assert_close(compiled.prefill(ids, torch.tensor(last)), want, rtol=1e-5, atol=1e-5)
+    nodes = list(compiled._prefill_gm.graph.nodes)
+    added = [n for n in nodes if n.target is torch.ops.fxopt.linear_add_.default]
+    left = [n for n in nodes if n.target is torch.ops.fxopt.linear.default and n.args[3] is not None]
+    assert len(added) == len(decode_residuals) and not left
+    if family in ("llama", "mistral"):  # o and down of both blocks (GPT-2, OPT: no residual folded)
+        assert len(added) == 4
+
+
+def _graph_with_residual(residual_kind: str):
+    """x -> fxopt.linear(x, w, residual=r) -> out, with r made as ``residual_kind`` says."""
+    import torch.fx as fx
+
+    aten, linear = torch.ops.aten, torch.ops.fxopt.linear.default
+    root = torch.nn.Module()
+    root.w = torch.nn.Parameter(torch.randn(6, 5), requires_grad=False)
+    g = fx.Graph()
+    x = g.placeholder("x")
+    x.meta["val"] = torch.empty(3, 5)
+    e = g.placeholder("e")
+    e.meta["val"] = torch.empty(3, 6)
+    w = g.get_attr("w")
+    r = e if residual_kind == "placeholder" else g.call_function(aten.mul.Tensor, (e, 2.0))
+    if residual_kind == "view":
+        r = g.call_function(aten.view.default, (r, [3, 6]))
+    r.meta["val"] = torch.empty(3, 6)
+    alias = g.call_function(aten.view.default, (r, [18])) if residual_kind == "read_through_view" else r
+    y = g.call_function(linear, (x, w, None, r))
+    y.meta["val"] = torch.empty(3, 6)
+    outs = [y]
+    if residual_kind in ("read_after", "read_through_view"):
+        outs.append(g.call_function(aten.sum.default, (alias,)))
+    g.output(tuple(outs))
+    return fx.GraphModule(root, g)
+
+
+@pytest.mark.parametrize("residual_kind, rewritten", [
+    ("fresh", 1), ("placeholder", 0), ("view", 0), ("read_after", 0), ("read_through_view", 0)])
+def test_accumulate_residuals_only_where_the_old_value_is_dead(residual_kind, rewritten):
+    """A residual is updated in place only when it owns its storage (not an input, not a view)
+    and nothing reads it, directly or through a view, after the linear; the graph computes the
+    same either way."""
+    from fxopt.runtime.last_token import accumulate_residuals
+
+    gm = _graph_with_residual(residual_kind)
+    gen = torch.Generator().manual_seed(1)
+    x, e = torch.randn(3, 5, generator=gen), torch.randn(3, 6, generator=gen)
+    want = gm(x, e.clone())
+    assert accumulate_residuals(gm.graph) == rewritten
+    gm.recompile()
+    e_in = e.clone()
+    got = gm(x, e_in)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert torch.equal(e_in, e), "a graph input is never written"

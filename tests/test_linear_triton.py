@@ -119,6 +119,20 @@ def test_dispatch_by_rows(monkeypatch):
     assert decoded == [1]
 
 
+@pytest.mark.parametrize("prologue", ["none", "rms_norm", "gated_silu"])
+@pytest.mark.parametrize("m, bias", [(1, False), (3, False), (21, False), (5, True)])
+def test_linear_add_updates_the_residual_in_place(prologue, m, bias):
+    """``linear_add_``'s launcher leaves ``residual + linear(...)`` in the residual's own storage:
+    one row through the decode kernel and a copy, more rows through the prologue and ``addmm_``
+    (with a bias, ``linear`` and a copy)."""
+    x, w, b, r, g = operands(m, 72, 40, prologue, residual=True, bias=bias, dtype=torch.float32, seed=m)
+    expected = linear_reference(x, w, b, r, prologue, g, 1e-6)
+    ptr = r.data_ptr()
+    assert lt.linear_add_triton(x.view(1, m, -1), w, b, r.view(1, m, 40), prologue, g, 1e-6) is None
+    assert r.data_ptr() == ptr
+    assert_close_rel(r, expected, torch.float32)
+
+
 # --------------------------------------------------------------------------------------------- #
 # GPU: the registered op, bf16 and fp16
 # --------------------------------------------------------------------------------------------- #
@@ -136,3 +150,17 @@ def test_registered_op_gpu(prologue, m, dtype):
     expected = linear_reference(x.float(), w.float(), None, None if r is None else r.float(), prologue,
                                 None if g is None else g.float(), 1e-5)
     assert_close_rel(got, expected, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m", [1, 9, 300])
+@pytest.mark.parametrize("prologue", ["none", "rms_norm", "gated_silu"])
+def test_registered_linear_add_gpu(prologue, m, dtype):
+    from fxopt.kernels.triton_ops import register_all
+
+    register_all()
+    x, w, b, r, g = operands(m, 576, 1000, prologue, residual=True, bias=False, dtype=dtype)
+    expected = linear_reference(x.float(), w.float(), None, r.float(), prologue, None if g is None else g.float(), 1e-5)
+    torch.ops.fxopt.linear_add_(x, w, None, r, prologue, g, 1e-5)
+    assert_close_rel(r, expected, dtype)

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .linear import apply_prologue, check_prologue, gated_kind, linear, linear_reference
+from .linear import apply_prologue, check_prologue, gated_kind, linear, linear_add_, linear_reference
 
 from .triton_env import (PREFETCH_CHUNKS, PREFETCH_TAIL_BYTES, check_pdl_knobs, jit as _jit, pdl_code, prefetch_plan,
                          tl, triton)
@@ -230,11 +230,31 @@ def linear_triton(x: Tensor, weight: Tensor, bias: Tensor | None = None, residua
     return linear_prompt(x, weight, bias, residual, prologue, norm_weight, eps)
 
 
+def linear_add_triton(x: Tensor, weight: Tensor, bias: Tensor | None, residual: Tensor, prologue: str = "none",
+                      norm_weight: Tensor | None = None, eps: float = 0.0) -> None:
+    """``fxopt.linear_add_`` on CUDA: for many rows the prologue's kernel, then cuBLAS accumulating
+    into the residual (``addmm_``, beta = 1: no copy of it); otherwise ``fxopt.linear`` and a copy."""
+    check_prologue(prologue, norm_weight)
+    n = weight.shape[0]
+    m = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    same_dtype = residual.dtype == x.dtype == weight.dtype and (norm_weight is None or norm_weight.dtype == x.dtype)
+    if m > 1 and bias is None and same_dtype and residual.is_contiguous() and residual.shape == (*x.shape[:-1], n):
+        if prologue == "rms_norm":
+            x = torch.ops.fxopt.rms_norm(x, norm_weight, eps)
+        elif gated_kind(prologue):
+            x = torch.ops.fxopt.gated_act(x, gated_kind(prologue))
+        residual.view(m, n).addmm_(x.reshape(m, x.shape[-1]), weight.t())
+        return
+    residual.copy_(linear_triton(x, weight, bias, residual, prologue, norm_weight, eps))
+
+
 def register() -> bool:
-    """Make the Triton launcher the CUDA implementation of ``torch.ops.fxopt.linear``."""
+    """Make the Triton launchers the CUDA implementations of ``torch.ops.fxopt.linear`` and
+    ``torch.ops.fxopt.linear_add_``."""
     if triton is None:
         return False
     linear.register_kernel("cuda")(linear_triton)
+    linear_add_.register_kernel("cuda")(linear_add_triton)
     return True
 
 

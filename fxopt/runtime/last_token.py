@@ -18,19 +18,33 @@ A prefill starts a sequence: every row's tokens sit at positions 0..S-1. So the 
 ``cached_attention`` nodes become ``prompt_attention``, which writes the same cache slots and
 computes the same values but attends over the prompt's own k/v (on CUDA, cuDNN's fused kernel)
 instead of over the cache (``kernels/attention.py``).
+
+And in the copy each residual stream is updated in place: an ``fxopt.linear`` with a residual
+whose old value nothing reads afterwards becomes ``fxopt.linear_add_`` (``residual += linear(...)``),
+and the linear's readers read the residual's node instead (:func:`accumulate_residuals`). Over a
+prompt's many rows cuBLAS then accumulates into the residual, where an out-of-place add copies it
+first. The decode graph keeps its out-of-place linears: at one row the GEMV adds the residual as
+it writes, and nothing is copied.
 """
 from __future__ import annotations
+
+import operator
 
 import torch
 import torch.fx as fx
 
 from ..ir import TensorSpec, input_specs, is_op, shape_of, static_dim
 
-from ..kernels import attention  # noqa: F401 - registers torch.ops.fxopt.prompt_attention
+from ..kernels import attention, linear  # noqa: F401 - registers torch.ops.fxopt.prompt_attention, linear_add_
 
 aten = torch.ops.aten
 CACHED_ATTENTION = torch.ops.fxopt.cached_attention.default
 PROMPT_ATTENTION = torch.ops.fxopt.prompt_attention.default
+LINEAR = torch.ops.fxopt.linear.default
+LINEAR_ADD = torch.ops.fxopt.linear_add_.default
+# Whether prefill graphs made from now on update their residuals in place (accumulate_residuals);
+# off only to measure what it saves (benchmarks/decode.py --prefill-in-place on off).
+IN_PLACE_RESIDUALS = True
 
 
 def prompt_positions(batch: int, seq: int, device) -> torch.Tensor:
@@ -80,6 +94,8 @@ def last_token_graph(gm: fx.GraphModule) -> fx.GraphModule | None:
     for node in graph.find_nodes(op="call_function", target=CACHED_ATTENTION):
         node.target = PROMPT_ATTENTION
     graph.output(out)
+    if IN_PLACE_RESIDUALS:
+        accumulate_residuals(graph)
     copy = fx.GraphModule(gm, graph)
     copy.meta = dict(gm.meta)
     device = next((s.device for s in specs if isinstance(s, TensorSpec)), torch.device("cpu"))
@@ -87,3 +103,68 @@ def last_token_graph(gm: fx.GraphModule) -> fx.GraphModule | None:
     # No shape propagation here: it would cost a second or more on the first generate() of a
     # large graph, and nothing that runs this copy reads meta['val'].
     return copy
+
+
+def _fresh(node: fx.Node) -> bool:
+    """Whether ``node``'s tensor owns its storage: the output of an op that returns no view of an
+    input (every fxopt op; an aten op whose schema marks no output as an alias), or an item of a
+    tuple such an op returned. Placeholders, weights and views are not."""
+    if node.op != "call_function":
+        return False
+    if node.target is operator.getitem:
+        source = node.args[0]
+        return isinstance(source, fx.Node) and isinstance(source.meta.get("val"), (tuple, list)) and _fresh(source)
+    schema = getattr(node.target, "_schema", None)
+    return schema is not None and all(r.alias_info is None for r in schema.returns)
+
+
+def _readers(node: fx.Node) -> list[fx.Node]:
+    """Every node that reads ``node``'s storage: its users, and the readers of any user that may
+    return a view of it (anything but an op whose schema says its outputs alias nothing)."""
+    out, todo = [], list(node.users)
+    while todo:
+        user = todo.pop()
+        out.append(user)
+        schema = getattr(user.target, "_schema", None) if user.op == "call_function" else None
+        if schema is None or any(r.alias_info is not None for r in schema.returns):
+            todo.extend(user.users)
+    return out
+
+
+def _same_value(a: fx.Node, b: fx.Node) -> bool:
+    va, vb = a.meta.get("val"), b.meta.get("val")
+    return isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor) and va.shape == vb.shape and va.dtype == vb.dtype
+
+
+def accumulate_residuals(graph: fx.Graph) -> int:
+    """Rewrite, in place, each ``fxopt.linear`` whose residual ``r`` can take the sum::
+
+        y = fxopt.linear(x, w, bias, r, prologue, g, eps)      # readers of y ...
+        # becomes
+        fxopt.linear_add_(x, w, bias, r, prologue, g, eps)      # ... now read r
+
+    when ``r`` owns its storage (``_fresh``), every other reader of it (views included) comes
+    before the linear, and ``y`` and ``r`` have the same shape and dtype (recorded ``meta['val']``;
+    without it the linear stays). Returns how many linears were rewritten."""
+    count = 0
+    for node in list(graph.nodes):
+        if not is_op(node, LINEAR):
+            continue
+        names = [a.name for a in LINEAR._schema.arguments]
+        fields = {**dict(zip(names, node.args)), **node.kwargs}
+        r = fields.get("residual")
+        if not isinstance(r, fx.Node) or not _fresh(r) or not _same_value(node, r):
+            continue
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        if any(order[u] >= order[node] for u in _readers(r) if u is not node):
+            continue
+        args = tuple(fields.get(name, default) for name, default in (
+            ("x", None), ("weight", None), ("bias", None), ("residual", None), ("prologue", "none"),
+            ("norm_weight", None), ("eps", 0.0)))  # prefetch, a decode kernel's hint, is dropped
+        with graph.inserting_before(node):
+            acc = graph.call_function(LINEAR_ADD, args)
+        acc.meta = {k: v for k, v in node.meta.items() if k != "val"}
+        node.replace_all_uses_with(r)
+        graph.erase_node(node)
+        count += 1
+    return count
