@@ -8,8 +8,10 @@ import torch
 import fxopt
 from families import VOCAB, tiny
 from fxopt.kernels import triton_env
+from fxopt.kernels.activation import gated_act_reference
 from fxopt.kernels.attention import cached_attention_reference
 from fxopt.kernels.linear import linear_reference
+from fxopt.kernels.norm import rms_norm_reference
 from fxopt.kernels.quant import quant_linear_reference, quantize_weight
 
 
@@ -72,26 +74,36 @@ def _layers(gen: torch.Generator, dtype):
 
 
 def _step(h, layers, positions, ops):
-    """One decode step of the chain; ``ops`` the Triton functions or their references."""
-    linear, quant_linear, attention = ops
-    for w in layers:
-        qkv = linear(h, w["qkv"], None, None, "rms_norm", w["g1"], 1e-6)
+    """One decode step of the chain; ``ops`` the Triton functions or their references. The first
+    layer folds its norm and activation into the GEMVs, the others run them as kernels of their own
+    (as an INT8 model's gate/up, activation, down)."""
+    linear, quant_linear, attention, gated_act, rms_norm = ops
+    for i, w in enumerate(layers):
+        if i == 0:
+            qkv = linear(h, w["qkv"], None, None, "rms_norm", w["g1"], 1e-6)
+        else:
+            qkv = linear(rms_norm(h, w["g1"], 1e-6), w["qkv"], None, None, "none", None, 0.0)
         q, k, v = (t.view(1, 1, HEADS, HEAD_DIM).transpose(1, 2) for t in qkv.split(HIDDEN, dim=-1))
         a = attention(q, k, v, w["k_cache"], w["v_cache"], positions, HEAD_DIM ** -0.5)
         h = linear(a.transpose(1, 2).reshape(1, HIDDEN), w["o"], None, h, "none", None, 0.0)
         gu = quant_linear(h, w["qw"], w["sc"], None, GROUP, 8, HIDDEN, None, "rms_norm", w["g2"], 1e-6)
-        h = linear(gu, w["down"], None, h, "gated_silu", None, 0.0)
+        if i == 0:
+            h = linear(gu, w["down"], None, h, "gated_silu", None, 0.0)
+        else:
+            h = linear(gated_act(gu, "silu"), w["down"], None, h, "none", None, 0.0)
     return h
 
 
 def _captured_chain(mode: str, monkeypatch, dtype, steps):
     """Outputs of ``steps`` (x, position) replays of one captured decode step under a PDL mode."""
+    from fxopt.kernels.activation_triton import gated_act_triton
     from fxopt.kernels.attention_triton import cached_attention_triton
     from fxopt.kernels.linear_triton import linear_triton
+    from fxopt.kernels.norm_triton import rms_norm_triton
     from fxopt.kernels.quant_triton import quant_linear_triton
     monkeypatch.setattr(triton_env, "PDL_MODE", mode)
     layers = _layers(torch.Generator().manual_seed(0), dtype)
-    ops = (linear_triton, quant_linear_triton, cached_attention_triton)
+    ops = (linear_triton, quant_linear_triton, cached_attention_triton, gated_act_triton, rms_norm_triton)
     x = torch.zeros(1, HIDDEN, dtype=dtype, device="cuda")
     positions = torch.zeros(1, 1, dtype=torch.long, device="cuda")
     stream = torch.cuda.Stream()
@@ -114,9 +126,10 @@ def _captured_chain(mode: str, monkeypatch, dtype, steps):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_a_captured_chain_of_dependent_kernels_computes_what_it_does_without_pdl(dtype, monkeypatch):
-    """18 kernels deep (GEMVs with a norm prologue, a gated one and a residual, an INT8 GEMV,
-    split attention and its merge), each reading what the one before wrote; replayed at several
-    cache positions with new inputs. Equal to the chain without PDL, and close to the references."""
+    """22 kernels deep (GEMVs with a norm prologue, a gated one and a residual, an INT8 GEMV,
+    split attention and its merge, RMSNorm and gated-activation kernels), each reading what the one
+    before wrote; replayed at several cache positions with new inputs. Equal to the chain without
+    PDL, and close to the references."""
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("PDL needs compute capability 9.0")
     gen = torch.Generator().manual_seed(1)
@@ -126,7 +139,8 @@ def test_a_captured_chain_of_dependent_kernels_computes_what_it_does_without_pdl
     for a, b in zip(got, base):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
-    refs = (linear_reference, quant_linear_reference, cached_attention_reference)
+    refs = (linear_reference, quant_linear_reference, cached_attention_reference, gated_act_reference,
+            rms_norm_reference)
     for (x, position), out in zip(steps, got):
         expected = _step(x, layers, torch.full((1, 1), position, device="cuda"), refs)
         assert torch.isfinite(out).all()

@@ -34,7 +34,10 @@ from torch import Tensor
 
 from .activation import KINDS, act, act_reference, gated_act, gated_act_reference
 
-from .triton_env import INTERPRET, jit as _jit, tl, triton
+from .triton_env import INTERPRET, jit as _jit, pdl_code, tl, triton
+
+if triton is not None:
+    from .triton_env import pdl_trigger, pdl_wait
 # A global read inside a kernel must be a constexpr.
 _HAS_ERF = tl.constexpr(triton is not None and hasattr(tl.math, "erf"))
 
@@ -81,13 +84,18 @@ def _activation(x, KIND: tl.constexpr):
 # --------------------------------------------------------------------------------------------- #
 
 @_jit
-def _gated_act_kernel(GU, Y, I, stride_gu, stride_y, KIND: tl.constexpr, BLOCK: tl.constexpr):
-    """Columns [pid1 * BLOCK, +BLOCK) of one row: y = act(gate) * up, gate = GU[:I], up = GU[I:]."""
+def _gated_act_kernel(GU, Y, I, stride_gu, stride_y, KIND: tl.constexpr, BLOCK: tl.constexpr,
+                      PDL: tl.constexpr = 0):
+    """Columns [pid1 * BLOCK, +BLOCK) of one row: y = act(gate) * up, gate = GU[:I], up = GU[I:].
+    PDL (triton_env): waits for the kernel that wrote GU, lets the next one launch once it has
+    loaded (between two decode GEMVs, an INT8 model's gate/up and down projections)."""
     row = tl.program_id(0).to(tl.int64)  # int64: row * stride can pass 2**31 for long prompts
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < I
+    pdl_wait(PDL)
     gate = tl.load(GU + row * stride_gu + cols, mask=mask, other=0.0)
     up = tl.load(GU + row * stride_gu + I + cols, mask=mask, other=0.0)
+    pdl_trigger(PDL)
     # act(gate) rounded to the storage dtype before the product, as the reference's two ops.
     a = _activation(gate.to(tl.float32), KIND).to(gate.dtype).to(tl.float32)
     tl.store(Y + row * stride_y + cols, (a * up.to(tl.float32)).to(Y.dtype.element_ty), mask=mask)
@@ -107,8 +115,9 @@ def gated_act_triton(gate_up: Tensor, kind: str, *, out: Tensor | None = None) -
     gu = gu.reshape(-1, 2 * inner)  # a view when the leading dims merge (the usual [B, S, 2I])
     y = out.view(-1, inner)
     grid = (gu.shape[0], triton.cdiv(inner, GATED_BLOCK))
-    _gated_act_kernel[grid](gu, y, inner, gu.stride(0), y.stride(0), KIND=kind, BLOCK=GATED_BLOCK,
-                            num_warps=NUM_WARPS)
+    pdl = pdl_code(gate_up.device)
+    _gated_act_kernel[grid](gu, y, inner, gu.stride(0), y.stride(0), KIND=kind, BLOCK=GATED_BLOCK, PDL=pdl,
+                            num_warps=NUM_WARPS, launch_pdl=pdl > 0)
     return out
 
 

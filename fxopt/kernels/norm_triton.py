@@ -37,7 +37,10 @@ from torch import Tensor
 from .norm import (add_layer_norm, add_rms_norm, layer_norm, layer_norm_reference, rms_norm,
                    rms_norm_reference)
 
-from .triton_env import INTERPRET, jit as _jit, tl, triton
+from .triton_env import INTERPRET, jit as _jit, pdl_code, tl, triton
+
+if triton is not None:
+    from .triton_env import pdl_trigger, pdl_wait
 
 # A row lives in registers: past this many lanes it would spill. Wider rows take the reference.
 MAX_BLOCK = 16384
@@ -53,18 +56,22 @@ def _rms_norm_kernel(
     X, R, W, Y, H,
     stride_x, stride_r, stride_y, stride_h,
     N, eps,
-    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = 0,
 ):
-    """One row: y = w * (h * rsqrt(mean(h²) + eps)).to(h.dtype), h = x (+ residual, stored to H)."""
+    """One row: y = w * (h * rsqrt(mean(h²) + eps)).to(h.dtype), h = x (+ residual, stored to H).
+    PDL (triton_env): waits for the kernel that wrote X and R, lets the next one launch once it
+    has loaded them."""
     row = tl.program_id(0).to(tl.int64)  # int64: row * stride can pass 2**31 for long prompts
     cols = tl.arange(0, BLOCK)
     mask = cols < N
+    pdl_wait(PDL)
     x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
     if HAS_RESIDUAL:
         r = tl.load(R + row * stride_r + cols, mask=mask, other=0.0)
         # Round the sum to h's dtype first: it is what the reference stores and then normalises.
         x = (x.to(tl.float32) + r.to(tl.float32)).to(H.dtype.element_ty)
         tl.store(H + row * stride_h + cols, x, mask=mask)
+    pdl_trigger(PDL)
     xf = x.to(tl.float32)
     # Masked lanes hold 0, so they add nothing to the sum of squares; divide by the true N.
     rstd = tl.math.rsqrt(tl.sum(xf * xf, axis=0) / N + eps)
@@ -164,11 +171,12 @@ def _launch_rms(x, residual, weight, eps, out, residual_out):
     h2 = residual_out.view(rows, n) if residual_out is not None else x2  # never touched without residual
     y2 = out.view(rows, n)
     block = triton.next_power_of_2(n)
+    pdl = pdl_code(x.device)
     _rms_norm_kernel[(rows,)](
         x2, r2, weight.contiguous(), y2, h2,
         x2.stride(0), r2.stride(0), y2.stride(0), h2.stride(0),
         n, eps,
-        HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=_num_warps(block),
+        HAS_RESIDUAL=residual is not None, BLOCK=block, PDL=pdl, num_warps=_num_warps(block), launch_pdl=pdl > 0,
     )
 
 

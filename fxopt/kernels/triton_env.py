@@ -29,7 +29,9 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # pays a fixed cost at its edges: its launch, then the SMs the previous kernel's last wave leaves
 # idle. With PDL (Hopper and later) a kernel launched with ``launch_pdl=True`` may start once every
 # program of the kernel before it has called ``gdc_launch_dependents()``. The decode kernels
-# (linear_triton, quant_triton, attention_triton) follow one protocol:
+# (linear_triton, quant_triton, attention_triton) and the RMSNorm and gated-activation kernels
+# that run between them (norm_triton, activation_triton: an INT8 model's activation, the norms
+# above one row) follow one protocol:
 #
 #   1. ``gdc_wait()`` first: it blocks until the kernel before has finished and its writes are
 #      visible. Nothing is read or written before it (a buffer of the graph's memory pool may be

@@ -253,11 +253,11 @@ def fold_linears(gm: fx.GraphModule, quant=False) -> Counter:
     """Apply rules 1-4 everywhere (to ``quant_linear`` nodes too with ``quant``: True, or the kinds
     of ``quant_kinds``); counts by rule."""
     kinds = quant_kinds(quant)
+    residual_quant = "residual" in kinds
     counts = Counter()
     for node in list(gm.graph.nodes):
-        q = "residual" in kinds
-        if (is_op(node, ADD_RMS_NORM) and _fold_residual(gm, node, q)) or (
-                is_op(node, aten.add.Tensor) and _fold_add(gm, node, q)):
+        if (is_op(node, ADD_RMS_NORM) and _fold_residual(gm, node, residual_quant)) or (
+                is_op(node, aten.add.Tensor) and _fold_add(gm, node, residual_quant)):
             counts["linear_residual"] += 1
     for node in list(gm.graph.nodes):
         rule = _fold_prologue(gm, node, kinds)
