@@ -121,16 +121,20 @@ def test_dispatch_by_rows(monkeypatch):
 
 @pytest.mark.parametrize("prologue", ["none", "rms_norm", "gated_silu"])
 @pytest.mark.parametrize("m, bias", [(1, False), (3, False), (21, False), (5, True)])
-def test_linear_add_updates_the_residual_in_place(prologue, m, bias):
+def test_linear_add_updates_the_residual_in_place(prologue, m, bias, monkeypatch):
     """``linear_add_``'s launcher leaves ``residual + linear(...)`` in the residual's own storage:
     one row through the decode kernel and a copy, more rows through the prologue and ``addmm_``
     (with a bias, ``linear`` and a copy)."""
+    copied = []
+    real = lt.linear_triton
+    monkeypatch.setattr(lt, "linear_triton", lambda *a: copied.append(a[0].shape[1]) or real(*a))
     x, w, b, r, g = operands(m, 72, 40, prologue, residual=True, bias=bias, dtype=torch.float32, seed=m)
     expected = linear_reference(x, w, b, r, prologue, g, 1e-6)
     ptr = r.data_ptr()
     assert lt.linear_add_triton(x.view(1, m, -1), w, b, r.view(1, m, 40), prologue, g, 1e-6) is None
     assert r.data_ptr() == ptr
     assert_close_rel(r, expected, torch.float32)
+    assert copied == ([m] if m == 1 or bias else [])  # addmm_ for many rows without a bias
 
 
 # --------------------------------------------------------------------------------------------- #

@@ -146,21 +146,21 @@ def accumulate_residuals(graph: fx.Graph) -> int:
     when ``r`` owns its storage (``_fresh``), every other reader of it (views included) comes
     before the linear, and ``y`` and ``r`` have the same shape and dtype (recorded ``meta['val']``;
     without it the linear stays). Returns how many linears were rewritten."""
+    from ..passes.fold_linear import linear_fields
+
     count = 0
     for node in list(graph.nodes):
         if not is_op(node, LINEAR):
             continue
-        names = [a.name for a in LINEAR._schema.arguments]
-        fields = {**dict(zip(names, node.args)), **node.kwargs}
-        r = fields.get("residual")
+        fields = linear_fields(node)
+        r = fields["residual"]
         if not isinstance(r, fx.Node) or not _fresh(r) or not _same_value(node, r):
             continue
         order = {n: i for i, n in enumerate(graph.nodes)}
         if any(order[u] >= order[node] for u in _readers(r) if u is not node):
             continue
-        args = tuple(fields.get(name, default) for name, default in (
-            ("x", None), ("weight", None), ("bias", None), ("residual", None), ("prologue", "none"),
-            ("norm_weight", None), ("eps", 0.0)))  # prefetch, a decode kernel's hint, is dropped
+        # prefetch, a decode kernel's hint, is dropped
+        args = tuple(fields[name] for name in ("x", "weight", "bias", "residual", "prologue", "norm_weight", "eps"))
         with graph.inserting_before(node):
             acc = graph.call_function(LINEAR_ADD, args)
         acc.meta = {k: v for k, v in node.meta.items() if k != "val"}
