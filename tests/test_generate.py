@@ -213,6 +213,22 @@ def test_prefill_graph_adds_each_residual_in_place(family):
         assert len(added) == 4
 
 
+def test_quantized_prefill_graph_adds_each_residual_in_place():
+    """With INT8 linears (their residuals folded, the default) the prefill graph updates the
+    residual stream in place through ``fxopt.quant_linear_add_``, and its logits are the quantized
+    model's full forward's."""
+    passes = ["canonicalize", "kv_cache", "fuse", "quantize", "fold_linear", "dce"]
+    compiled = fxopt.compile(tiny("llama"), passes=passes, max_batch_size=2, max_seq_len=32, quant_group_size=32)
+    ids = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(7))
+    last = torch.tensor([9, 4])
+    want = compiled(input_ids=ids, position_ids=torch.arange(10).expand(2, -1)).logits[torch.arange(2), last]
+    torch.testing.assert_close(compiled.prefill(ids, last), want, rtol=1e-5, atol=1e-5)
+    targets = [n.target for n in compiled._prefill_gm.graph.nodes]
+    assert targets.count(torch.ops.fxopt.quant_linear_add_.default) == 4  # o and down of both blocks
+    assert not any(n.target is torch.ops.fxopt.quant_linear.default and n.args[7] is not None
+                   for n in compiled._prefill_gm.graph.nodes)
+
+
 def _graph_with_residual(residual_kind: str):
     """x -> fxopt.linear(x, w, residual=r) -> out, with r made as ``residual_kind`` says."""
     import torch.fx as fx

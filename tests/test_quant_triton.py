@@ -486,6 +486,32 @@ def test_folded_prologue_and_residual(m, k, group, prologue, bits):
 
 
 @pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("prologue", ["none", "rms_norm", "gated_silu"])
+@pytest.mark.parametrize("m, bias", [(1, False), (qt.DEQUANT_MIN_M + 4, False), (qt.DEQUANT_MIN_M, True)])
+def test_quant_linear_add_updates_the_residual_in_place(m, bias, prologue, bits, monkeypatch):
+    """``quant_linear_add_``'s launcher leaves ``residual + quant_linear(...)`` in the residual's own
+    storage: prompts without a bias through the prologue and the dequantize path accumulating into
+    it, the rest through ``quant_linear`` and a copy."""
+    copied = []
+    real = qt._cuda_impl
+    monkeypatch.setattr(qt, "_cuda_impl", lambda *a: copied.append(a[0].shape[0]) or real(*a))
+    k, n, group = 100, 37, 32
+    g = torch.Generator().manual_seed(m + bits)
+    x, qweight, scales, b = make_case(m, n, k, group, bits, torch.float32, bias=bias, seed=m)
+    if prologue.startswith("gated_"):
+        x = torch.randn(m, 2 * k, generator=g).to(DEVICE)  # [gate | up]
+    norm_weight = (torch.rand(k, generator=g) + 0.5).to(DEVICE) if prologue == "rms_norm" else None
+    residual = torch.randn(m, n, generator=g).to(DEVICE)
+    expected = quant_linear_reference(x, qweight, scales, b, group, bits, k, residual, prologue, norm_weight, 1e-5)
+    ptr = residual.data_ptr()
+    assert qt.quant_linear_add_triton(x, qweight, scales, b, group, bits, k, residual, prologue, norm_weight,
+                                      1e-5) is None
+    assert residual.data_ptr() == ptr and not torch.isnan(residual).any()
+    torch.testing.assert_close(residual, expected, atol=5e-5, rtol=5e-5)
+    assert copied == ([m] if m == 1 or bias else [])
+
+
+@pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("m, split_k, fused, path, prologue", [
     (1, 3, False, None, "none"),  # one row, split: the reduce kernel adds it
     (3, 3, False, None, "rms_norm"),  # more rows: the norm's kernel first, the residual in the reduction

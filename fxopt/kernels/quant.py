@@ -91,3 +91,19 @@ def quant_linear(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None
 def _(x, qweight, scales, bias, group_size, bits, in_features, residual=None, prologue="none", norm_weight=None,
       eps=0.0):
     return empty_output(x, qweight.shape[0], residual, norm_weight)
+
+
+@torch.library.custom_op("fxopt::quant_linear_add_", mutates_args=("residual",))
+def quant_linear_add_(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None, group_size: int, bits: int,
+                      in_features: int, residual: Tensor, prologue: str = "none", norm_weight: Tensor | None = None,
+                      eps: float = 0.0) -> None:
+    """``residual += quant_linear(x, ...)``, in place: ``fxopt.linear_add_`` (``linear.py``) for an
+    INT8/INT4 weight, written by the prefill graph where nothing reads the residual's old value
+    afterwards. Same values as ``fxopt.quant_linear`` with the residual."""
+    residual.add_(quant_linear_reference(x, qweight, scales, bias, group_size, bits, in_features, None, prologue,
+                                         norm_weight, eps))
+
+
+@quant_linear_add_.register_fake
+def _(x, qweight, scales, bias, group_size, bits, in_features, residual, prologue="none", norm_weight=None, eps=0.0):
+    return None

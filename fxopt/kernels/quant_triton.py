@@ -109,7 +109,7 @@ from torch import Tensor
 
 from .linear import check_prologue, gated_kind
 from .linear_triton import _input_block
-from .quant import n_groups, quant_linear, quant_linear_reference
+from .quant import n_groups, quant_linear, quant_linear_add_, quant_linear_reference
 
 from .triton_env import INTERPRET, check_pdl_knobs, jit as _jit, pdl_code, tl, triton
 
@@ -903,9 +903,10 @@ def dequantize_triton(qweight: Tensor, scales: Tensor, group_size: int, bits: in
     return out
 
 
-def _dequant_linear(x2, qweight, scales, bias, y2, group_size, bits, in_features, config):
+def _dequant_linear(x2, qweight, scales, bias, y2, group_size, bits, in_features, config, accumulate=False):
     """y2 = x2 @ dequant(W)^T + bias through a dequantized temporary and cuBLAS (``addmm``, as
-    ``F.linear``), in row chunks of at most DEQUANT_MAX_NUMEL weights."""
+    ``F.linear``), in row chunks of at most DEQUANT_MAX_NUMEL weights. With ``accumulate`` (and no
+    bias) y2 += x2 @ dequant(W)^T instead: cuBLAS adds into y2 (``addmm_``)."""
     n = qweight.shape[0]
     bias = bias.to(x2.dtype) if bias is not None else None
     chunk = max(1, DEQUANT_MAX_NUMEL // in_features)
@@ -913,7 +914,9 @@ def _dequant_linear(x2, qweight, scales, bias, y2, group_size, bits, in_features
         n1 = min(n, n0 + chunk)
         w = dequantize_triton(qweight[n0:n1], scales[n0:n1], group_size, bits, in_features, x2.dtype, config=config)
         b = bias[n0:n1] if bias is not None else None
-        if n1 - n0 == n:  # the whole weight at once: straight into y2
+        if accumulate:
+            y2[:, n0:n1].addmm_(x2, w.t())
+        elif n1 - n0 == n:  # the whole weight at once: straight into y2
             if b is None:
                 torch.mm(x2, w.t(), out=y2)
             else:
@@ -1038,6 +1041,27 @@ def quant_linear_triton(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor
 # Registration as the CUDA implementation of the custom op
 # --------------------------------------------------------------------------------------------- #
 
+def quant_linear_add_triton(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None, group_size: int,
+                            bits: int, in_features: int, residual: Tensor, prologue: str = "none",
+                            norm_weight: Tensor | None = None, eps: float = 0.0) -> None:
+    """``fxopt.quant_linear_add_`` on the Triton kernels: on the dequantize path (prompts) the
+    prologue's kernel, then cuBLAS accumulating into the residual; otherwise ``quant_linear`` with
+    the residual and a copy back (a decode kernel adds the residual as it writes anyway)."""
+    args = (x, qweight, scales, bias, group_size, bits, in_features, residual, prologue, norm_weight, eps)
+    m = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    n = qweight.shape[0]
+    if default_path(m) == "dequant" and bias is None and supported(*args[:-1]) and residual.is_contiguous():
+        if prologue == "rms_norm":
+            x = torch.ops.fxopt.rms_norm(x, norm_weight, eps)
+        elif gated_kind(prologue):
+            x = torch.ops.fxopt.gated_act(x, gated_kind(prologue))
+        x2 = _unit_last_stride(x).reshape(m, x.shape[-1])
+        _dequant_linear(x2, _unit_last_stride(qweight), _unit_last_stride(scales), None, residual.view(m, n),
+                        group_size, bits, in_features, None, accumulate=True)
+        return
+    residual.copy_(_cuda_impl(*args))
+
+
 def _cuda_impl(x, qweight, scales, bias, group_size, bits, in_features, residual=None, prologue="none",
                norm_weight=None, eps=0.0):
     args = (x, qweight, scales, bias, group_size, bits, in_features, residual, prologue, norm_weight, eps)
@@ -1047,12 +1071,14 @@ def _cuda_impl(x, qweight, scales, bias, group_size, bits, in_features, residual
 
 
 def register() -> bool:
-    """Make the Triton launcher the CUDA implementation of ``torch.ops.fxopt.quant_linear``.
+    """Make the Triton launchers the CUDA implementations of ``torch.ops.fxopt.quant_linear`` and
+    ``quant_linear_add_``.
     Idempotent (re-registering replaces the function). Returns False when triton is missing.
     Not called at import: ``fxopt.kernels.triton_ops.register_all`` does it on CUDA machines."""
     if triton is None:
         return False
     quant_linear.register_kernel("cuda")(_cuda_impl)
+    quant_linear_add_.register_kernel("cuda")(quant_linear_add_triton)
     return True
 
 

@@ -19,8 +19,9 @@ A prefill starts a sequence: every row's tokens sit at positions 0..S-1. So the 
 computes the same values but attends over the prompt's own k/v (on CUDA, cuDNN's fused kernel)
 instead of over the cache (``kernels/attention.py``).
 
-And in the copy each residual stream is updated in place: an ``fxopt.linear`` with a residual
-whose old value nothing reads afterwards becomes ``fxopt.linear_add_`` (``residual += linear(...)``),
+And in the copy each residual stream is updated in place: an ``fxopt.linear`` (or ``quant_linear``)
+with a residual whose old value nothing reads afterwards becomes ``fxopt.linear_add_`` (or
+``quant_linear_add_``: ``residual += linear(...)``),
 and the linear's readers read the residual's node instead (:func:`accumulate_residuals`). Over a
 prompt's many rows cuBLAS then accumulates into the residual, where an out-of-place add copies it
 first. The decode graph keeps its out-of-place linears: at one row the GEMV adds the residual as
@@ -35,13 +36,14 @@ import torch.fx as fx
 
 from ..ir import TensorSpec, input_specs, is_op, shape_of, static_dim
 
-from ..kernels import attention, linear  # noqa: F401 - registers torch.ops.fxopt.prompt_attention, linear_add_
+from ..kernels import attention, linear, quant  # noqa: F401 - registers prompt_attention, linear_add_, ...
 
 aten = torch.ops.aten
 CACHED_ATTENTION = torch.ops.fxopt.cached_attention.default
 PROMPT_ATTENTION = torch.ops.fxopt.prompt_attention.default
-LINEAR = torch.ops.fxopt.linear.default
-LINEAR_ADD = torch.ops.fxopt.linear_add_.default
+# The linears whose residual can be updated in place, and their in-place forms.
+IN_PLACE = {torch.ops.fxopt.linear.default: torch.ops.fxopt.linear_add_.default,
+            torch.ops.fxopt.quant_linear.default: torch.ops.fxopt.quant_linear_add_.default}
 # Whether prefill graphs made from now on update their residuals in place (accumulate_residuals);
 # off only to measure what it saves (benchmarks/decode.py --prefill-in-place on off).
 IN_PLACE_RESIDUALS = True
@@ -137,7 +139,8 @@ def _same_value(a: fx.Node, b: fx.Node) -> bool:
 
 
 def accumulate_residuals(graph: fx.Graph) -> int:
-    """Rewrite, in place, each ``fxopt.linear`` whose residual ``r`` can take the sum::
+    """Rewrite, in place, each ``fxopt.linear`` (``quant_linear``) whose residual ``r`` can take
+    the sum::
 
         y = fxopt.linear(x, w, bias, r, prologue, g, eps)      # readers of y ...
         # becomes
@@ -146,11 +149,11 @@ def accumulate_residuals(graph: fx.Graph) -> int:
     when ``r`` owns its storage (``_fresh``), every other reader of it (views included) comes
     before the linear, and ``y`` and ``r`` have the same shape and dtype (recorded ``meta['val']``;
     without it the linear stays). Returns how many linears were rewritten."""
-    from ..passes.fold_linear import linear_fields
+    from ..passes.fold_linear import CORE, FOLDED, linear_fields
 
     count = 0
     for node in list(graph.nodes):
-        if not is_op(node, LINEAR):
+        if not is_op(node, *IN_PLACE):
             continue
         fields = linear_fields(node)
         r = fields["residual"]
@@ -159,10 +162,10 @@ def accumulate_residuals(graph: fx.Graph) -> int:
         order = {n: i for i, n in enumerate(graph.nodes)}
         if any(order[u] >= order[node] for u in _readers(r) if u is not node):
             continue
-        # prefetch, a decode kernel's hint, is dropped
-        args = tuple(fields[name] for name in ("x", "weight", "bias", "residual", "prologue", "norm_weight", "eps"))
+        op = fields["op"]
+        args = tuple(fields[name] for name in ("x", *CORE[op], *FOLDED))  # linear's prefetch, a decode hint: dropped
         with graph.inserting_before(node):
-            acc = graph.call_function(LINEAR_ADD, args)
+            acc = graph.call_function(IN_PLACE[op], args)
         acc.meta = {k: v for k, v in node.meta.items() if k != "val"}
         node.replace_all_uses_with(r)
         graph.erase_node(node)
