@@ -11,12 +11,13 @@ Llama-architecture models with random bf16 weights shaped like the anchors in AN
                   gpt-fast's Inductor flags (coordinate-descent tuning);
 - ``fxopt``       ``fxopt.compile(model)``: the default pipeline, CUDA graphs on;
 - other fxopt pipelines with ``--variants``: ``fxopt-nofuse`` and ``fxopt-nofold`` (without
-  ``fuse`` / ``fold_linear``), ``fxopt-norotary`` (the rotary not folded into the attention),
+  ``fuse`` / ``fold_linear``), ``fxopt-fold-nogated`` (the gated activation not folded into the
+  down projection), ``fxopt-norotary`` (the rotary not folded into the attention),
   ``fxopt-prefetch`` (the default pipeline with ``prefetch``: the attention warms the L2 with the
   output projection's weight), ``fxopt-prefetch-linears`` (every GEMV also prefetches the start of
-  the next one's weight), ``fxopt-int8`` (``quantize`` then ``fold_linear``; INT8 linears stay
-  unfolded unless ``fold_quant_linear=True``), ``fxopt-int8-nofold``, ``fxopt-int8-prefetch``
-  (unfolded, with ``prefetch``), ``fxopt-int8-foldq`` (the INT8 linears folded too),
+  the next one's weight), ``fxopt-int8`` (``quantize`` then ``fold_linear``, which folds the INT8
+  linears' norms and residuals), ``fxopt-int8-nofold``, ``fxopt-int8-prefetch``
+  (unfolded, with ``prefetch``), ``fxopt-int8-foldq`` (the INT8 linears folded entirely),
   ``fxopt-int8-foldq-norm`` (only their norms and residuals) and ``fxopt-int8-foldq-gated`` (only
   the gated activation).
 
@@ -75,6 +76,7 @@ VARIANTS = {
     "fxopt": (None, {}),
     "fxopt-nofuse": (["canonicalize", "kv_cache", "dce", "cuda_graph"], {}),
     "fxopt-nofold": (["canonicalize", "kv_cache", "fuse", "dce", "cuda_graph"], {}),
+    "fxopt-fold-nogated": (None, dict(fold_float_linear=("residual", "rms_norm"))),
     "fxopt-norotary": (None, dict(fuse_skip=["rotary_into_attention"])),
     "fxopt-prefetch": (PREFETCH, {}),
     "fxopt-prefetch-linears": (PREFETCH, dict(prefetch_linears=True)),

@@ -135,6 +135,20 @@ def test_fold_quant_linear_by_kind(kinds, want):
     assert err < 0.05
 
 
+def test_fold_float_linear_by_kind():
+    """fold_float_linear=("residual", "rms_norm") leaves the gated activation a kernel of its own
+    before a plain down projection; the logits still match the eager model's."""
+    model = tiny("llama")
+    compiled = fxopt.compile(model, passes=["canonicalize", "kv_cache", "fuse", "fold_linear", "dce"],
+                             max_seq_len=64, fold_float_linear=("residual", "rms_norm"))
+    gm = compiled.graph_module
+    assert len(ops(gm, fx_ops.gated_act)) == LAYERS
+    assert sorted(prologues(gm)) == sorted([("rms_norm", False)] * (2 * LAYERS + 1) + [("none", True)] * 2 * LAYERS)
+    ids = torch.randint(0, VOCAB, (2, 7))
+    err = (compiled(ids).logits - model(ids).logits).norm() / model(ids).logits.norm()
+    assert err < 1e-5
+
+
 def test_fold_quant_linear_refuses_an_unknown_kind():
     with pytest.raises(PassError, match="fold_linear.*unknown kind.*'norm'"):
         fxopt.compile(tiny("llama"), passes=["canonicalize", "kv_cache", "fuse", "quantize", "fold_linear"],

@@ -34,11 +34,13 @@ in order, each read off the dataflow:
 A linear after an all-reduce (tensor parallelism) is not followed by its add directly, so the
 residual is never added before the reduction.
 
-``quant_linear`` nodes fold by the option ``fold_quant_linear``: True for every rule, False for none,
-or some of the kinds ``("residual", "rms_norm", "gated")`` (rules 1, 2, 3) for those alone. Their
-decode kernel takes the same prologue and epilogue, but every program computes its prologue over all
-of K, which costs more than the gated activation's own kernel: the default (``QUANT_DEFAULT``, its
-measurements beside it) folds the residuals and the norms only. Around an unfolded ``quant_linear``,
+Which rules fire is an option per kind of linear: ``fold_float_linear`` (default True: all) and
+``fold_quant_linear``, each True for every rule, False for none, or some of the kinds
+``("residual", "rms_norm", "gated")`` (rules 1, 2, 3) for those alone. The INT8 decode kernel
+takes the same prologue and epilogue as the float one, but every program computes its prologue
+over all of K, which costs more than the gated activation's own kernel: for ``quant_linear``
+nodes the default (``QUANT_DEFAULT``, its measurements beside it) folds the residuals and the
+norms only. Around an unfolded ``quant_linear``,
 rule 4 keeps the residual add and the norm after it one kernel. ``unfold_linears`` is the inverse of
 rules 1-3 for ``fxopt.linear``, for a pass that meets them and knows only plain linears
 (``quantize`` on an already folded graph unfolds, quantizes and folds again).
@@ -69,9 +71,9 @@ CORE = {aten.linear.default: ("weight", "bias"), LINEAR: ("weight", "bias"),
         QUANT_LINEAR: ("qweight", "scales", "bias", "group_size", "bits", "in_features")}
 FOLDED = ("residual", "prologue", "norm_weight", "eps")
 DEFAULTS = dict(bias=None, residual=None, prologue="none", norm_weight=None, eps=0.0)
-# What ``fold_quant_linear`` may name: the residual epilogue (rule 1), the norm and the gated
-# activation prologues (rules 2, 3).
-QUANT_KINDS = ("residual", "rms_norm", "gated")
+# What ``fold_float_linear`` and ``fold_quant_linear`` may name: the residual epilogue (rule 1),
+# the norm and the gated activation prologues (rules 2, 3).
+KINDS = ("residual", "rms_norm", "gated")
 # The default: the residuals and norms fold into INT8 linears, the gated activation stays a kernel
 # of its own. On an H100 (2026-12-07, batch 1) against nothing folded: llama-1b 0.941 -> 0.877 ms a
 # token, llama2-7b 3.222 -> 3.153; folding everything gave 0.918 / 3.279, the activation alone
@@ -80,12 +82,11 @@ QUANT_KINDS = ("residual", "rms_norm", "gated")
 QUANT_DEFAULT = ("residual", "rms_norm")
 
 
-def linear_fields(node: fx.Node, quant: bool = True) -> dict | None:
-    """The arguments of a linear (``aten.linear``, ``fxopt.linear`` or, with ``quant``,
-    ``fxopt.quant_linear``) by name, with ``op``: the op that carries them once folded; None for
-    any other node."""
+def linear_fields(node: fx.Node) -> dict | None:
+    """The arguments of a linear (``aten.linear``, ``fxopt.linear`` or ``fxopt.quant_linear``) by
+    name, with ``op``: the op that carries them once folded; None for any other node."""
     op = next((op for op in CORE if is_op(node, op)), None)
-    if op is None or (op is QUANT_LINEAR and not quant):
+    if op is None:
         return None
     names = ("x", *CORE[op], *(FOLDED if op is not aten.linear.default else ()))
     fields = dict(DEFAULTS, **dict(zip(names, node.args)), **node.kwargs)
@@ -137,26 +138,28 @@ def _same(gm: fx.GraphModule, a: fx.Node, b: fx.Node) -> bool:
     return va is not None and vb is not None and va.shape == vb.shape and va.dtype == vb.dtype
 
 
-def _take_residual(gm: fx.GraphModule, add: fx.Node, a, b, quant: bool) -> fx.Node | None:
-    """Rule 1: of the two addends of ``add``, the output of a linear that nothing else reads takes
-    the other as its residual; returns the new linear (computed where the add was: the residual
-    may come after the linear), or None."""
+def _take_residual(gm: fx.GraphModule, add: fx.Node, a, b, kinds: dict) -> fx.Node | None:
+    """Rule 1: of the two addends of ``add``, the output of a linear that nothing else reads (and
+    whose op ``kinds`` lets take a residual) takes the other as its residual; returns the new linear
+    (computed where the add was: the residual may come after the linear), or None."""
     for y, other in ((a, b), (b, a)):
-        fields = linear_fields(y, quant) if isinstance(y, fx.Node) and isinstance(other, fx.Node) else None
-        if fields is None or fields["residual"] is not None or len(y.users) != 1 or not _same(gm, y, other):
+        fields = linear_fields(y) if isinstance(y, fx.Node) and isinstance(other, fx.Node) else None
+        if fields is None or "residual" not in kinds[fields["op"]]:
+            continue
+        if fields["residual"] is not None or len(y.users) != 1 or not _same(gm, y, other):
             continue
         fields["residual"] = other
         return _replace(gm, y, fields, where=add)
     return None
 
 
-def _fold_residual(gm: fx.GraphModule, node: fx.Node, quant: bool) -> bool:
+def _fold_residual(gm: fx.GraphModule, node: fx.Node, kinds: dict) -> bool:
     """Rule 1 on an add_rms_norm node: the linear takes the add, an rms_norm of its output stays."""
     x, r, g, eps = node.args
     items = _getitems(node)
     if items is None:
         return False
-    h = _take_residual(gm, node, x, r, quant)
+    h = _take_residual(gm, node, x, r, kinds)
     if h is None:
         return False
     graph = gm.graph
@@ -172,11 +175,11 @@ def _fold_residual(gm: fx.GraphModule, node: fx.Node, quant: bool) -> bool:
     return True
 
 
-def _fold_add(gm: fx.GraphModule, node: fx.Node, quant: bool) -> bool:
+def _fold_add(gm: fx.GraphModule, node: fx.Node, kinds: dict) -> bool:
     """Rule 1 on a plain ``add`` of two tensors (what ``unfold_linears`` leaves)."""
     if len(node.args) != 2 or node.kwargs:
         return False
-    h = _take_residual(gm, node, *node.args, quant)
+    h = _take_residual(gm, node, *node.args, kinds)
     if h is None:
         return False
     node.replace_all_uses_with(h)
@@ -184,17 +187,17 @@ def _fold_add(gm: fx.GraphModule, node: fx.Node, quant: bool) -> bool:
     return True
 
 
-def _fold_prologue(gm: fx.GraphModule, node: fx.Node, kinds: frozenset) -> str | None:
-    """Rules 2 and 3 on a linear node (a ``quant_linear`` for the prologue ``kinds`` only);
-    returns the rule that fired."""
+def _fold_prologue(gm: fx.GraphModule, node: fx.Node, kinds: dict) -> str | None:
+    """Rules 2 and 3 on a linear node (for the prologues ``kinds`` gives its op); returns the rule
+    that fired."""
     fields = linear_fields(node)
     if fields is None or fields["prologue"] != "none":
         return None
     a = fields["x"]
     if not isinstance(a, fx.Node) or len(a.users) != 1:
         return None
-    if fields["op"] is QUANT_LINEAR and not ((is_op(a, RMS_NORM) and "rms_norm" in kinds) or
-                                             (is_op(a, GATED_ACT) and "gated" in kinds)):
+    allowed = kinds[fields["op"]]
+    if not ((is_op(a, RMS_NORM) and "rms_norm" in allowed) or (is_op(a, GATED_ACT) and "gated" in allowed)):
         return None
     if is_op(a, RMS_NORM):
         h, g, eps = a.args
@@ -237,27 +240,27 @@ def _refuse_add_norm(gm: fx.GraphModule, norm: fx.Node) -> bool:
     return True
 
 
-def quant_kinds(option) -> frozenset:
-    """The fold kinds ``quant_linear`` nodes take, from the ``fold_quant_linear`` option (False,
-    True, or some of QUANT_KINDS); raises ValueError naming an unknown kind."""
+def fold_kinds(option, name: str = "fold_quant_linear") -> frozenset:
+    """The fold kinds a kind of linear takes, from its option ``name`` (False, True, or some of
+    KINDS); raises ValueError naming an unknown kind."""
     if isinstance(option, bool) or option is None:
-        return frozenset(QUANT_KINDS) if option else frozenset()
+        return frozenset(KINDS) if option else frozenset()
     kinds = frozenset([option] if isinstance(option, str) else option)
-    unknown = sorted(kinds - set(QUANT_KINDS))
+    unknown = sorted(kinds - set(KINDS))
     if unknown:
-        raise ValueError(f"fold_quant_linear: unknown kind(s) {unknown}; expected True, False or some of {QUANT_KINDS}")
+        raise ValueError(f"{name}: unknown kind(s) {unknown}; expected True, False or some of {KINDS}")
     return kinds
 
 
-def fold_linears(gm: fx.GraphModule, quant=False) -> Counter:
-    """Apply rules 1-4 everywhere (to ``quant_linear`` nodes too with ``quant``: True, or the kinds
-    of ``quant_kinds``); counts by rule."""
-    kinds = quant_kinds(quant)
-    residual_quant = "residual" in kinds
+def fold_linears(gm: fx.GraphModule, quant=False, float_linear=True) -> Counter:
+    """Apply rules 1-4 everywhere: to float linears the kinds ``float_linear`` names, to
+    ``quant_linear`` nodes those ``quant`` names (each True, False or some of KINDS, as
+    ``fold_kinds`` reads them); counts by rule."""
+    kinds = {LINEAR: fold_kinds(float_linear, "fold_float_linear"), QUANT_LINEAR: fold_kinds(quant)}
     counts = Counter()
     for node in list(gm.graph.nodes):
-        if (is_op(node, ADD_RMS_NORM) and _fold_residual(gm, node, residual_quant)) or (
-                is_op(node, aten.add.Tensor) and _fold_add(gm, node, residual_quant)):
+        if (is_op(node, ADD_RMS_NORM) and _fold_residual(gm, node, kinds)) or (
+                is_op(node, aten.add.Tensor) and _fold_add(gm, node, kinds)):
             counts["linear_residual"] += 1
     for node in list(gm.graph.nodes):
         rule = _fold_prologue(gm, node, kinds)
@@ -309,5 +312,6 @@ class FoldLinear(Pass):
     name = "fold_linear"
 
     def run(self, gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
-        counts = fold_linears(gm, quant=ctx.option("fold_quant_linear", QUANT_DEFAULT))
+        counts = fold_linears(gm, quant=ctx.option("fold_quant_linear", QUANT_DEFAULT),
+                              float_linear=ctx.option("fold_float_linear", True))
         return PassResult(changed=bool(counts), stats=dict(counts))

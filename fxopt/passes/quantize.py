@@ -414,7 +414,8 @@ class Quantize(Pass):
             table.append(row)
 
         if unfolded:
-            fold_linears(gm, quant=ctx.option("fold_quant_linear", QUANT_DEFAULT))
+            fold_linears(gm, quant=ctx.option("fold_quant_linear", QUANT_DEFAULT),
+                         float_linear=ctx.option("fold_float_linear", True))
         stats = self._stats(table, kept, opts, placeholders)
         if ctx.info is not None:
             ctx.info.state["quantize"] = {
