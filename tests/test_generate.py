@@ -247,6 +247,9 @@ def _graph_with_residual(residual_kind: str):
         r = g.call_function(aten.view.default, (r, [3, 6]))
     r.meta["val"] = torch.empty(3, 6)
     alias = g.call_function(aten.view.default, (r, [18])) if residual_kind == "read_through_view" else r
+    if residual_kind in ("input_is_residual", "input_views_residual"):  # y = r @ w.T + r, w square
+        root.w = torch.nn.Parameter(torch.randn(6, 6), requires_grad=False)
+        x = r if residual_kind == "input_is_residual" else g.call_function(aten.view.default, (r, [3, 6]))
     y = g.call_function(linear, (x, w, None, r))
     y.meta["val"] = torch.empty(3, 6)
     outs = [y]
@@ -257,11 +260,12 @@ def _graph_with_residual(residual_kind: str):
 
 
 @pytest.mark.parametrize("residual_kind, rewritten", [
-    ("fresh", 1), ("placeholder", 0), ("view", 0), ("read_after", 0), ("read_through_view", 0)])
+    ("fresh", 1), ("placeholder", 0), ("view", 0), ("read_after", 0), ("read_through_view", 0),
+    ("input_is_residual", 0), ("input_views_residual", 0)])
 def test_accumulate_residuals_only_where_the_old_value_is_dead(residual_kind, rewritten):
-    """A residual is updated in place only when it owns its storage (not an input, not a view)
-    and nothing reads it, directly or through a view, after the linear; the graph computes the
-    same either way."""
+    """A residual is updated in place only when it owns its storage (not an input, not a view),
+    the linear does not also read it (or a view of it) as its input, and nothing reads it, directly
+    or through a view, after the linear; the graph computes the same either way."""
     from fxopt.runtime.last_token import accumulate_residuals
 
     gm = _graph_with_residual(residual_kind)

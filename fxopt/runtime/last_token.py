@@ -120,16 +120,16 @@ def _fresh(node: fx.Node) -> bool:
     return schema is not None and all(r.alias_info is None for r in schema.returns)
 
 
-def _readers(node: fx.Node) -> list[fx.Node]:
-    """Every node that reads ``node``'s storage: its users, and the readers of any user that may
-    return a view of it (anything but an op whose schema says its outputs alias nothing)."""
-    out, todo = [], list(node.users)
+def _views(node: fx.Node) -> set[fx.Node]:
+    """``node`` and every node that may share its storage: the users, transitively, that may return
+    a view (anything but an op whose schema says its outputs alias nothing)."""
+    out, todo = {node}, [node]
     while todo:
-        user = todo.pop()
-        out.append(user)
-        schema = getattr(user.target, "_schema", None) if user.op == "call_function" else None
-        if schema is None or any(r.alias_info is not None for r in schema.returns):
-            todo.extend(user.users)
+        for user in todo.pop().users:
+            schema = getattr(user.target, "_schema", None) if user.op == "call_function" else None
+            if user not in out and (schema is None or any(r.alias_info is not None for r in schema.returns)):
+                out.add(user)
+                todo.append(user)
     return out
 
 
@@ -146,9 +146,10 @@ def accumulate_residuals(graph: fx.Graph) -> int:
         # becomes
         fxopt.linear_add_(x, w, bias, r, prologue, g, eps)      # ... now read r
 
-    when ``r`` owns its storage (``_fresh``), every other reader of it (views included) comes
-    before the linear, and ``y`` and ``r`` have the same shape and dtype (recorded ``meta['val']``;
-    without it the linear stays). Returns how many linears were rewritten."""
+    when ``r`` owns its storage (``_fresh``), the linear reads it (or a view of it) only as its
+    residual, every other reader of it or its views comes before the linear, and ``y`` and ``r``
+    have the same shape and dtype (recorded ``meta['val']``; without it the linear stays). Returns
+    how many linears were rewritten."""
     from ..passes.fold_linear import CORE, FOLDED, linear_fields
 
     count = 0
@@ -159,8 +160,11 @@ def accumulate_residuals(graph: fx.Graph) -> int:
         r = fields["residual"]
         if not isinstance(r, fx.Node) or not _fresh(r) or not _same_value(node, r):
             continue
+        views = _views(r)
+        if any(isinstance(v, fx.Node) and v in views for k, v in fields.items() if k != "residual"):
+            continue  # x is r or a view of it: the product would read what it overwrites
         order = {n: i for i, n in enumerate(graph.nodes)}
-        if any(order[u] >= order[node] for u in _readers(r) if u is not node):
+        if any(order[u] >= order[node] for v in views for u in v.users if u is not node):
             continue
         op = fields["op"]
         args = tuple(fields[name] for name in ("x", *CORE[op], *FOLDED))  # linear's prefetch, a decode hint: dropped
