@@ -487,11 +487,12 @@ def test_folded_prologue_and_residual(m, k, group, prologue, bits):
 
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("prologue", ["none", "rms_norm", "gated_silu"])
-@pytest.mark.parametrize("m, bias", [(1, False), (qt.DEQUANT_MIN_M + 4, False), (qt.DEQUANT_MIN_M, True)])
+@pytest.mark.parametrize("m, bias", [(1, False), (5, True), (qt.DEQUANT_MIN_M + 4, False), (qt.DEQUANT_MIN_M, True)])
 def test_quant_linear_add_updates_the_residual_in_place(m, bias, prologue, bits, monkeypatch):
     """``quant_linear_add_``'s launcher leaves ``residual + quant_linear(...)`` in the residual's own
-    storage: prompts without a bias through the prologue and the dequantize path accumulating into
-    it, the rest through ``quant_linear`` and a copy."""
+    storage: the decode kernels writing into the residual they add, prompts without a bias through
+    the prologue and the dequantize path accumulating into it, the rest (a bias on that path)
+    through ``quant_linear`` and a copy."""
     copied = []
     real = qt._cuda_impl
     monkeypatch.setattr(qt, "_cuda_impl", lambda *a: copied.append(a[0].shape[0]) or real(*a))
@@ -508,7 +509,7 @@ def test_quant_linear_add_updates_the_residual_in_place(m, bias, prologue, bits,
                                       1e-5) is None
     assert residual.data_ptr() == ptr and not torch.isnan(residual).any()
     torch.testing.assert_close(residual, expected, atol=5e-5, rtol=5e-5)
-    assert copied == ([m] if m == 1 or bias else [])
+    assert copied == ([m] if bias and m >= qt.DEQUANT_MIN_M else [])
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -522,7 +523,8 @@ def test_quant_linear_add_updates_the_residual_in_place(m, bias, prologue, bits,
 ])
 def test_residual_added_once(m, split_k, fused, path, prologue, bits, monkeypatch):
     """The residual is added exactly once wherever the output is written: the decode kernel, the
-    split-K reduce kernel, the fused reduction, or after a prefill path (and a prologue at any M)."""
+    split-K reduce kernel, the fused reduction, or after a prefill path (and a prologue at any M).
+    On the decode paths the output may be the residual itself."""
     n, k, group = 37, 576, 64  # 18 blocks of 32: room for 3 splits
     g = torch.Generator().manual_seed(m * 7 + bits)
     x, qweight, scales, bias = make_case(m, n, k, group, bits, torch.float32, seed=m + bits)
@@ -534,8 +536,13 @@ def test_residual_added_once(m, split_k, fused, path, prologue, bits, monkeypatc
     kw = dict(path=path) if path else dict(split_k=split_k, config=dict(block_k=32, fused_reduce=fused))
     monkeypatch.setattr(qt, "_COUNTERS", {})
     got = qt.quant_linear_triton(*args, **kw)
-    torch.testing.assert_close(got, quant_linear_reference(*args), atol=5e-5, rtol=5e-5)
+    expected = quant_linear_reference(*args)
+    torch.testing.assert_close(got, expected, atol=5e-5, rtol=5e-5)
     assert bool(qt._COUNTERS) == fused, "the fused reduction did not run" if fused else "unexpected fused reduction"
+    if not path:  # the decode kernels may write into the residual they add (quant_linear_add_ does)
+        inplace = residual.clone()
+        qt.quant_linear_triton(*args[:7], inplace, *args[8:], out=inplace, **kw)
+        torch.testing.assert_close(inplace, expected, atol=5e-5, rtol=5e-5)
 
 
 @pytest.mark.gpu

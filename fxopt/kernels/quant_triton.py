@@ -1044,13 +1044,21 @@ def quant_linear_triton(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor
 def quant_linear_add_triton(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None, group_size: int,
                             bits: int, in_features: int, residual: Tensor, prologue: str = "none",
                             norm_weight: Tensor | None = None, eps: float = 0.0) -> None:
-    """``fxopt.quant_linear_add_`` on the Triton kernels: on the dequantize path (prompts) the
-    prologue's kernel, then cuBLAS accumulating into the residual; otherwise ``quant_linear`` with
-    the residual and a copy back (a decode kernel adds the residual as it writes anyway)."""
+    """``fxopt.quant_linear_add_`` on the Triton kernels. Up to DECODE_MAX_M rows the decode
+    kernels write their output into the residual they add (each output element is read from the
+    residual and written by the same program, or by the same program of the split-K reduction);
+    on the dequantize path, the prologue's kernel, then cuBLAS accumulating into the residual;
+    otherwise (a bias on that path, arguments the kernels refuse) ``quant_linear`` and a copy."""
     args = (x, qweight, scales, bias, group_size, bits, in_features, residual, prologue, norm_weight, eps)
     m = x.numel() // x.shape[-1] if x.shape[-1] else 0
     n = qweight.shape[0]
-    if default_path(m) == "dequant" and bias is None and supported(*args[:-1]) and residual.is_contiguous():
+    if not supported(*args[:-1]) or not residual.is_contiguous():
+        residual.copy_(_cuda_impl(*args))
+        return
+    if default_path(m) == "decode":
+        quant_linear_triton(*args, out=residual)
+        return
+    if bias is None:
         if prologue == "rms_norm":
             x = torch.ops.fxopt.rms_norm(x, norm_weight, eps)
         elif gated_kind(prologue):
