@@ -21,14 +21,14 @@ if [ "$mode" = anchors ]; then
   exit 0
 fi
 if [ "$mode" = ab ]; then
-  timeout 70 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_pdl.py tests/test_linear_triton.py \
+  timeout 90 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_pdl.py tests/test_linear_triton.py \
     tests/test_fold_linear.py tests/test_cuda_graph.py 2>&1 | tee "$OUT/pytest-ab.txt" | tail -3
   D="python3 benchmarks/decode.py --no-compile --no-eager --prefill 0 --models llama-1b llama2-7b"
   timeout 200 $D --batches 1 8 --variants fxopt-int8-nofold fxopt-int8 --pdl on off --json "$OUT/ab-int8-fold.json" \
     > "$OUT/ab-int8-fold.txt" 2>&1
   timeout 150 $D --batches 1 --variants fxopt fxopt-fold-nogated fxopt-int8 --int8-folded-rows 8 16 32 \
     --json "$OUT/ab-folded-rows.json" > "$OUT/ab-folded-rows.txt" 2>&1
-  timeout 130 python3 benchmarks/decode.py --no-compile --models llama2-7b --batches 1 --variants fxopt \
+  timeout 120 python3 benchmarks/decode.py --no-compile --models llama2-7b --batches 1 --variants fxopt \
     --prefill-in-place on off --json "$OUT/ab-prefill.json" > "$OUT/ab-prefill.txt" 2>&1
   for f in ab-int8-fold ab-folded-rows ab-prefill; do
     [ -f "$OUT/$f.json" ] && python3 benchmarks/decode.py --table "$OUT/$f.json"
