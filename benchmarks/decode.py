@@ -17,9 +17,8 @@ Llama-architecture models with random bf16 weights shaped like the anchors in AN
   output projection's weight), ``fxopt-prefetch-linears`` (every GEMV also prefetches the start of
   the next one's weight), ``fxopt-int8`` (``quantize`` then ``fold_linear``, which folds the INT8
   linears' norms and residuals), ``fxopt-int8-nofold``, ``fxopt-int8-prefetch``
-  (unfolded, with ``prefetch``), ``fxopt-int8-foldq`` (the INT8 linears folded entirely),
-  ``fxopt-int8-foldq-norm`` (only their norms and residuals) and ``fxopt-int8-foldq-gated`` (only
-  the gated activation).
+  (unfolded, with ``prefetch``), ``fxopt-int8-foldq`` (the INT8 linears folded entirely) and
+  ``fxopt-int8-foldq-gated`` (only their gated activation).
 
 ``--pdl off on`` runs every fxopt variant once per programmatic-dependent-launch mode
 (``fxopt/kernels/triton_env.py``), as rows named ``fxopt/off``; without it, fxopt's default (on).
@@ -85,8 +84,6 @@ VARIANTS = {
     "fxopt-int8-prefetch": (["canonicalize", "kv_cache", "fuse", "quantize", "prefetch", "dce", "cuda_graph"], {}),
     "fxopt-int8-foldq": (["canonicalize", "kv_cache", "fuse", "quantize", "fold_linear", "dce", "cuda_graph"],
                          dict(fold_quant_linear=True)),
-    "fxopt-int8-foldq-norm": (["canonicalize", "kv_cache", "fuse", "quantize", "fold_linear", "dce", "cuda_graph"],
-                              dict(fold_quant_linear=("residual", "rms_norm"))),
     "fxopt-int8-foldq-gated": (["canonicalize", "kv_cache", "fuse", "quantize", "fold_linear", "dce", "cuda_graph"],
                                dict(fold_quant_linear=("gated",))),
 }
@@ -189,14 +186,16 @@ def fxopt_prefill(model, ids, in_place: bool = True) -> float:
     import fxopt
     from fxopt.runtime import last_token
     last_token.IN_PLACE_RESIDUALS = in_place
-    compiled = fxopt.compile(model, max_batch_size=1, max_seq_len=ids.shape[1] + 8)
-    times = []
-    for _ in range(4):
-        compiled.generate(ids, max_new_tokens=1, eos_token_id=None)
-        times.append(compiled.last_timings["prefill_ms"])
-    del compiled
-    last_token.IN_PLACE_RESIDUALS = True
-    torch.cuda.empty_cache()
+    try:
+        compiled = fxopt.compile(model, max_batch_size=1, max_seq_len=ids.shape[1] + 8)
+        times = []
+        for _ in range(4):
+            compiled.generate(ids, max_new_tokens=1, eos_token_id=None)
+            times.append(compiled.last_timings["prefill_ms"])
+        del compiled
+    finally:
+        last_token.IN_PLACE_RESIDUALS = True
+        torch.cuda.empty_cache()
     return min(times[1:])
 
 

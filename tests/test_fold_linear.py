@@ -116,14 +116,17 @@ def test_quantize_before_or_after_fold(order, fold_quant):
     (("gated",), [("none", False)] * 3 + [("gated_silu", False)]),
     (("residual", "rms_norm"), [("rms_norm", False)] * 2 + [("none", True)] * 2),
     (("residual", "gated"), [("none", True)] + [("none", False)] * 2 + [("gated_silu", True)]),
+    (None, [("rms_norm", False)] * 2 + [("none", True)] * 2),  # the default: residuals and norms
 ])
 def test_fold_quant_linear_by_kind(kinds, want):
     """fold_quant_linear names the kinds INT8 linears take: per block, only those fold (the sorted
     (prologue, has residual) of its four quant_linears is ``want``), the activation or the norms
     left stay kernels of their own, and the logits still match the eager model."""
     model = tiny("llama")
+    option = {} if kinds is None else dict(fold_quant_linear=kinds)
     compiled = fxopt.compile(model, passes=["canonicalize", "kv_cache", "fuse", "quantize", "fold_linear", "dce"],
-                             max_seq_len=64, fold_quant_linear=kinds)
+                             max_seq_len=64, **option)
+    kinds = kinds or ("residual", "rms_norm")
     gm = compiled.graph_module
     quant = ops(gm, fx_ops.quant_linear)
     got = sorted((n.args[8] if len(n.args) > 8 else "none", len(n.args) > 7 and n.args[7] is not None) for n in quant)

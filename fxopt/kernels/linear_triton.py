@@ -198,13 +198,19 @@ def linear_decode(x2: Tensor, weight: Tensor, bias: Tensor | None, residual2: Te
     return y
 
 
+def prologue_kernel(x: Tensor, prologue: str, norm_weight: Tensor | None, eps: float) -> Tensor:
+    """The linear's input after its prologue, computed by the prologue op's own kernel (for many
+    rows, where the GEMM is cuBLAS's and cannot fold it)."""
+    if prologue == "rms_norm":
+        return torch.ops.fxopt.rms_norm(x, norm_weight, eps)
+    kind = gated_kind(prologue)
+    return torch.ops.fxopt.gated_act(x, kind) if kind else x
+
+
 def linear_prompt(x: Tensor, weight: Tensor, bias: Tensor | None, residual: Tensor | None, prologue: str,
                   norm_weight: Tensor | None, eps: float) -> Tensor:
     """Many rows: the prologue's own kernel, then cuBLAS (the residual as addmm's input)."""
-    if prologue == "rms_norm":
-        x = torch.ops.fxopt.rms_norm(x, norm_weight, eps)
-    elif gated_kind(prologue):
-        x = torch.ops.fxopt.gated_act(x, gated_kind(prologue))
+    x = prologue_kernel(x, prologue, norm_weight, eps)
     if residual is not None and bias is None and residual.dtype == x.dtype and residual.shape[:-1] == x.shape[:-1]:
         y = torch.addmm(residual.reshape(-1, weight.shape[0]), x.reshape(-1, x.shape[-1]), weight.t())
         return y.view(residual.shape)
@@ -239,10 +245,7 @@ def linear_add_triton(x: Tensor, weight: Tensor, bias: Tensor | None, residual: 
     m = x.numel() // x.shape[-1] if x.shape[-1] else 0
     same_dtype = residual.dtype == x.dtype == weight.dtype and (norm_weight is None or norm_weight.dtype == x.dtype)
     if m > 1 and bias is None and same_dtype and residual.is_contiguous() and residual.shape == (*x.shape[:-1], n):
-        if prologue == "rms_norm":
-            x = torch.ops.fxopt.rms_norm(x, norm_weight, eps)
-        elif gated_kind(prologue):
-            x = torch.ops.fxopt.gated_act(x, gated_kind(prologue))
+        x = prologue_kernel(x, prologue, norm_weight, eps)
         residual.view(m, n).addmm_(x.reshape(m, x.shape[-1]), weight.t())
         return
     residual.copy_(linear_triton(x, weight, bias, residual, prologue, norm_weight, eps))

@@ -108,7 +108,7 @@ import torch
 from torch import Tensor
 
 from .linear import check_prologue, gated_kind
-from .linear_triton import _input_block
+from .linear_triton import _input_block, prologue_kernel
 from .quant import n_groups, quant_linear, quant_linear_add_, quant_linear_reference
 
 from .triton_env import INTERPRET, check_pdl_knobs, jit as _jit, pdl_code, tl, triton
@@ -1001,10 +1001,7 @@ def quant_linear_triton(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor
     m = x.numel() // x.shape[-1]
     path = default_path(m) if path is None else path
     if prologue != "none" and (m != 1 or path != "decode"):  # the decode kernel folds it for one row
-        if prologue == "rms_norm":
-            x = torch.ops.fxopt.rms_norm(x, norm_weight, eps)
-        else:
-            x = torch.ops.fxopt.gated_act(x, gated_kind(prologue))
+        x = prologue_kernel(x, prologue, norm_weight, eps)
         prologue = "none"
     if residual is not None and path != "decode":
         y = quant_linear_triton(x, qweight, scales, bias, group_size, bits, in_features, out=out, path=path,
@@ -1059,10 +1056,7 @@ def quant_linear_add_triton(x: Tensor, qweight: Tensor, scales: Tensor, bias: Te
         quant_linear_triton(*args, out=residual)
         return
     if bias is None:
-        if prologue == "rms_norm":
-            x = torch.ops.fxopt.rms_norm(x, norm_weight, eps)
-        elif gated_kind(prologue):
-            x = torch.ops.fxopt.gated_act(x, gated_kind(prologue))
+        x = prologue_kernel(x, prologue, norm_weight, eps)
         x2 = _unit_last_stride(x).reshape(m, x.shape[-1])
         _dequant_linear(x2, _unit_last_stride(qweight), _unit_last_stride(scales), None, residual.view(m, n),
                         group_size, bits, in_features, None, accumulate=True)

@@ -40,10 +40,10 @@ Which rules fire is an option per kind of linear: ``fold_float_linear`` (default
 takes the same prologue and epilogue as the float one, but every program computes its prologue
 over all of K, which costs more than the gated activation's own kernel: for ``quant_linear``
 nodes the default (``QUANT_DEFAULT``, its measurements beside it) folds the residuals and the
-norms only. Around an unfolded ``quant_linear``,
-rule 4 keeps the residual add and the norm after it one kernel. ``unfold_linears`` is the inverse of
-rules 1-3 for ``fxopt.linear``, for a pass that meets them and knows only plain linears
-(``quantize`` on an already folded graph unfolds, quantizes and folds again).
+norms only. Around an unfolded ``quant_linear``, rule 4 keeps the residual add and the norm after
+it one kernel. ``unfold_linears`` is the inverse of rules 1-3 for ``fxopt.linear``, for a pass that
+meets them and knows only plain linears (``quantize`` on an already folded graph unfolds, quantizes
+and folds again).
 
 Stats: per rule, how many times it fired.
 """
@@ -240,7 +240,7 @@ def _refuse_add_norm(gm: fx.GraphModule, norm: fx.Node) -> bool:
     return True
 
 
-def fold_kinds(option, name: str = "fold_quant_linear") -> frozenset:
+def fold_kinds(option, name: str) -> frozenset:
     """The fold kinds a kind of linear takes, from its option ``name`` (False, True, or some of
     KINDS); raises ValueError naming an unknown kind."""
     if isinstance(option, bool) or option is None:
@@ -256,7 +256,8 @@ def fold_linears(gm: fx.GraphModule, quant=False, float_linear=True) -> Counter:
     """Apply rules 1-4 everywhere: to float linears the kinds ``float_linear`` names, to
     ``quant_linear`` nodes those ``quant`` names (each True, False or some of KINDS, as
     ``fold_kinds`` reads them); counts by rule."""
-    kinds = {LINEAR: fold_kinds(float_linear, "fold_float_linear"), QUANT_LINEAR: fold_kinds(quant)}
+    kinds = {LINEAR: fold_kinds(float_linear, "fold_float_linear"),
+             QUANT_LINEAR: fold_kinds(quant, "fold_quant_linear")}
     counts = Counter()
     for node in list(gm.graph.nodes):
         if (is_op(node, ADD_RMS_NORM) and _fold_residual(gm, node, kinds)) or (

@@ -107,6 +107,13 @@ def last_token_graph(gm: fx.GraphModule) -> fx.GraphModule | None:
     return copy
 
 
+def _returns_views(target) -> bool:
+    """Whether a call of ``target`` may return a view of an input: anything but an op whose schema
+    says its outputs alias nothing (every fxopt op, most aten ops)."""
+    schema = getattr(target, "_schema", None)
+    return schema is None or any(r.alias_info is not None for r in schema.returns)
+
+
 def _fresh(node: fx.Node) -> bool:
     """Whether ``node``'s tensor owns its storage: the output of an op that returns no view of an
     input (every fxopt op; an aten op whose schema marks no output as an alias), or an item of a
@@ -116,18 +123,16 @@ def _fresh(node: fx.Node) -> bool:
     if node.target is operator.getitem:
         source = node.args[0]
         return isinstance(source, fx.Node) and isinstance(source.meta.get("val"), (tuple, list)) and _fresh(source)
-    schema = getattr(node.target, "_schema", None)
-    return schema is not None and all(r.alias_info is None for r in schema.returns)
+    return not _returns_views(node.target)
 
 
 def _views(node: fx.Node) -> set[fx.Node]:
     """``node`` and every node that may share its storage: the users, transitively, that may return
-    a view (anything but an op whose schema says its outputs alias nothing)."""
+    a view of it (``_returns_views``; a call of anything but a function counts as one)."""
     out, todo = {node}, [node]
     while todo:
         for user in todo.pop().users:
-            schema = getattr(user.target, "_schema", None) if user.op == "call_function" else None
-            if user not in out and (schema is None or any(r.alias_info is not None for r in schema.returns)):
+            if user not in out and (user.op != "call_function" or _returns_views(user.target)):
                 out.add(user)
                 todo.append(user)
     return out
@@ -135,7 +140,8 @@ def _views(node: fx.Node) -> set[fx.Node]:
 
 def _same_value(a: fx.Node, b: fx.Node) -> bool:
     va, vb = a.meta.get("val"), b.meta.get("val")
-    return isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor) and va.shape == vb.shape and va.dtype == vb.dtype
+    tensors = isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor)
+    return tensors and va.shape == vb.shape and va.dtype == vb.dtype
 
 
 def accumulate_residuals(graph: fx.Graph) -> int:
