@@ -21,16 +21,17 @@ if [ "$mode" = anchors ]; then
   exit 0
 fi
 if [ "$mode" = ab ]; then
-  timeout 90 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_pdl.py tests/test_linear_triton.py \
-    tests/test_fold_linear.py tests/test_cuda_graph.py 2>&1 | tee "$OUT/pytest-ab.txt" | tail -3
-  D="python3 benchmarks/decode.py --no-compile --no-eager --prefill 0 --models llama-1b llama2-7b"
-  timeout 200 $D --batches 1 8 --variants fxopt-int8-nofold fxopt-int8 --pdl on off --json "$OUT/ab-int8-fold.json" \
-    > "$OUT/ab-int8-fold.txt" 2>&1
-  timeout 150 $D --batches 1 --variants fxopt fxopt-fold-nogated fxopt-int8 --int8-folded-rows 8 16 32 \
-    --json "$OUT/ab-folded-rows.json" > "$OUT/ab-folded-rows.txt" 2>&1
+  timeout 120 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_pdl.py tests/test_linear_triton.py \
+    tests/test_fold_linear.py tests/test_cuda_graph.py tests/test_quant_triton.py -k "not test_quant_triton or epilogue" \
+    2>&1 | tee "$OUT/pytest-ab.txt" | tail -3
+  D="python3 benchmarks/decode.py --no-compile --no-eager --prefill 0"
+  for m in llama-1b llama2-7b; do
+    timeout 140 $D --models $m --batches 1 8 --variants fxopt fxopt-fold-noepi fxopt-fold-nogated fxopt-int8 \
+      fxopt-int8-noepi --json "$OUT/ab-epilogue-$m.json" > "$OUT/ab-epilogue-$m.txt" 2>&1
+  done
   timeout 120 python3 benchmarks/decode.py --no-compile --models llama2-7b --batches 1 --variants fxopt \
     --prefill-in-place on off --json "$OUT/ab-prefill.json" > "$OUT/ab-prefill.txt" 2>&1
-  for f in ab-int8-fold ab-folded-rows ab-prefill; do
+  for f in ab-epilogue-llama-1b ab-epilogue-llama2-7b ab-prefill; do
     [ -f "$OUT/$f.json" ] && python3 benchmarks/decode.py --table "$OUT/$f.json"
   done
   exit 0

@@ -6,7 +6,7 @@ import fxopt
 from fxopt.errors import PassError
 from families import VOCAB, tiny
 from fxopt.ir import is_op, module_path
-from fxopt.passes.fold_linear import fold_linears, unfold_linears
+from fxopt.passes.fold_linear import fold_linears, linear_fields, unfold_linears
 from test_fuse import model_of
 from test_generate import LENGTHS, left_padded_batch
 
@@ -20,8 +20,19 @@ def ops(gm, op):
     return [n for n in gm.graph.nodes if is_op(n, op)]
 
 
-def prologues(gm):
-    return sorted((n.args[4], n.args[3] is not None) for n in ops(gm, fx_ops.linear))
+def folds(gm, op=fx_ops.linear):
+    """Sorted (prologue, has a residual, epilogue) of the ``op`` nodes."""
+    fields = [linear_fields(n) for n in ops(gm, op)]
+    return sorted((f["prologue"], f["residual"] is not None, f["epilogue"]) for f in fields)
+
+
+RMS, RES, GATE_UP, DOWN = ("rms_norm", False, "none"), ("none", True, "none"), ("rms_norm", False, "gated_silu"), \
+    ("gated_silu", True, "none")
+# per block: q/k/v behind its norm, o with the residual, gate/up behind its norm with the activation
+# as its epilogue, down with the residual; and the head behind the last norm
+BLOCK = [RMS, RES, GATE_UP, RES]
+FOLDED_STATS = {"linear_residual": 2 * LAYERS, "linear_prologue_rms_norm": 2 * LAYERS + 1,
+                "linear_epilogue_gated": LAYERS}
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])  # Mistral's graph is Llama's; Qwen2 has q/k/v biases
@@ -29,17 +40,15 @@ def test_a_block_becomes_four_linears(family):
     model = model_of(family)
     compiled = fxopt.compile(model, passes=FOLDED, verify=True, max_batch_size=4, max_seq_len=64)
     row = next(r for r in compiled.report() if r.name == "fold_linear")
-    assert row.stats == {"linear_residual": 2 * LAYERS, "linear_prologue_rms_norm": 2 * LAYERS + 1,
-                         "linear_prologue_gated": LAYERS}
+    assert row.stats == FOLDED_STATS
     assert row.max_error < 1e-4
     gm = compiled.graph_module
     for op in (fx_ops.rms_norm, fx_ops.add_rms_norm, fx_ops.gated_act, aten.linear, aten.add):
         assert not ops(gm, op), f"{op} left"
-    # per block: q/k/v and gate/up behind their norm, o with the residual, down with both
-    assert prologues(gm) == sorted([("rms_norm", False)] * (2 * LAYERS + 1) + [("none", True)] * LAYERS
-                                   + [("gated_silu", True)] * LAYERS)
+    assert folds(gm) == sorted(BLOCK * LAYERS + [RMS])
     for node in ops(gm, fx_ops.linear):
-        assert module_path(node) and node.meta["fxopt"]["folded"] in ("rms_norm", "residual", "gated_silu+residual")
+        assert module_path(node) and node.meta["fxopt"]["folded"] in ("rms_norm", "residual",
+                                                                      "rms_norm+epilogue_gated_silu")
     ids, mask = left_padded_batch(LENGTHS)
     ours = compiled.generate(ids, attention_mask=mask, max_new_tokens=24, pad_token_id=0)
     theirs = model.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False, pad_token_id=0)
@@ -70,10 +79,8 @@ def test_unfold_gives_back_the_graph_before():
     gm.recompile()
     torch.testing.assert_close(folded(ids).logits, before, rtol=0, atol=0)  # the same arithmetic, op for op
     # and folding again gives the folded graph back
-    assert fold_linears(gm) == {"linear_residual": 2 * LAYERS, "linear_prologue_rms_norm": 2 * LAYERS + 1,
-                                "linear_prologue_gated": LAYERS}
-    assert prologues(gm) == sorted([("rms_norm", False)] * (2 * LAYERS + 1) + [("none", True)] * LAYERS
-                                   + [("gated_silu", True)] * LAYERS)
+    assert fold_linears(gm) == FOLDED_STATS
+    assert folds(gm) == sorted(BLOCK * LAYERS + [RMS])
     gm.recompile()
     torch.testing.assert_close(folded(ids).logits, before, rtol=0, atol=0)
 
@@ -92,8 +99,7 @@ def test_quantize_before_or_after_fold(order, fold_quant):
     quant = ops(gm, fx_ops.quant_linear)
     assert len(quant) == 4 * LAYERS
     if fold_quant:
-        assert sorted((n.args[8], n.args[7] is not None) for n in quant) == sorted(
-            [("rms_norm", False)] * 2 * LAYERS + [("none", True)] * LAYERS + [("gated_silu", True)] * LAYERS)
+        assert folds(gm, fx_ops.quant_linear) == sorted(BLOCK * LAYERS)
         (head,) = ops(gm, fx_ops.linear)  # the head stays float (quant_lm_head=False) and takes the last norm
         assert head.args[4] == "rms_norm" and head.args[3] is None
         for op in (fx_ops.rms_norm, fx_ops.add_rms_norm, fx_ops.gated_act, aten.linear, aten.add):
@@ -112,41 +118,48 @@ def test_quantize_before_or_after_fold(order, fold_quant):
     assert err < 0.05
 
 
+NONE = ("none", False, "none")
+
+
 @pytest.mark.parametrize("kinds, want", [
-    (("gated",), [("none", False)] * 3 + [("gated_silu", False)]),
-    (("residual", "rms_norm"), [("rms_norm", False)] * 2 + [("none", True)] * 2),
-    (("residual", "gated"), [("none", True)] + [("none", False)] * 2 + [("gated_silu", True)]),
-    (None, [("rms_norm", False)] * 2 + [("none", True)] * 2),  # the default: residuals and norms
+    (("gated",), [NONE] * 3 + [("gated_silu", False, "none")]),
+    (("gated_epilogue",), [NONE] * 3 + [("none", False, "gated_silu")]),
+    (("residual", "rms_norm"), [RMS] * 2 + [RES] * 2),
+    (("residual", "gated"), [RES] + [NONE] * 2 + [("gated_silu", True, "none")]),
+    (None, BLOCK),  # the default: residuals, norms, the gate/up epilogue
+    (True, BLOCK),  # everything: the epilogue takes the activation before the down prologue could
 ])
 def test_fold_quant_linear_by_kind(kinds, want):
     """fold_quant_linear names the kinds INT8 linears take: per block, only those fold (the sorted
-    (prologue, has residual) of its four quant_linears is ``want``), the activation or the norms
-    left stay kernels of their own, and the logits still match the eager model."""
+    (prologue, has residual, epilogue) of its four quant_linears is ``want``), the activation or the
+    norms left stay kernels of their own, and the logits still match the eager model."""
     model = tiny("llama")
     option = {} if kinds is None else dict(fold_quant_linear=kinds)
     compiled = fxopt.compile(model, passes=["canonicalize", "kv_cache", "fuse", "quantize", "fold_linear", "dce"],
                              max_seq_len=64, **option)
-    kinds = kinds or ("residual", "rms_norm")
     gm = compiled.graph_module
-    quant = ops(gm, fx_ops.quant_linear)
-    got = sorted((n.args[8] if len(n.args) > 8 else "none", len(n.args) > 7 and n.args[7] is not None) for n in quant)
-    assert got == sorted(want * LAYERS)
-    assert len(ops(gm, fx_ops.gated_act)) == (0 if "gated" in kinds else LAYERS)
+    assert folds(gm, fx_ops.quant_linear) == sorted(want * LAYERS)
+    activations = sum(f == "gated_silu" for w in want for f in (w[0], w[2]))
+    assert len(ops(gm, fx_ops.gated_act)) == (1 - activations) * LAYERS
     assert not ops(gm, aten.add)  # every residual is in a linear or an add_rms_norm
     ids = torch.randint(0, VOCAB, (3, 11))
     err = (compiled(ids).logits - model(ids).logits).norm() / model(ids).logits.norm()
     assert err < 0.05
 
 
-def test_fold_float_linear_by_kind():
-    """fold_float_linear=("residual", "rms_norm") leaves the gated activation a kernel of its own
-    before a plain down projection; the logits still match the eager model's."""
+@pytest.mark.parametrize("kinds, want", [
+    (("residual", "rms_norm"), [RMS, RES, RMS, RES]),  # the activation a kernel of its own
+    (("residual", "rms_norm", "gated"), [RMS, RES, RMS, DOWN]),  # in the down projection's prologue
+])
+def test_fold_float_linear_by_kind(kinds, want):
+    """fold_float_linear names the kinds float linears take (the sorted (prologue, has residual,
+    epilogue) of a block's four linears is ``want``); the logits still match the eager model's."""
     model = tiny("llama")
     compiled = fxopt.compile(model, passes=["canonicalize", "kv_cache", "fuse", "fold_linear", "dce"],
-                             max_seq_len=64, fold_float_linear=("residual", "rms_norm"))
+                             max_seq_len=64, fold_float_linear=kinds)
     gm = compiled.graph_module
-    assert len(ops(gm, fx_ops.gated_act)) == LAYERS
-    assert sorted(prologues(gm)) == sorted([("rms_norm", False)] * (2 * LAYERS + 1) + [("none", True)] * 2 * LAYERS)
+    assert len(ops(gm, fx_ops.gated_act)) == (0 if "gated" in kinds else LAYERS)
+    assert folds(gm) == sorted(want * LAYERS + [RMS])
     ids = torch.randint(0, VOCAB, (2, 7))
     err = (compiled(ids).logits - model(ids).logits).norm() / model(ids).logits.norm()
     assert err < 1e-5
@@ -168,5 +181,6 @@ def test_no_residual_is_folded_before_an_all_reduce():
     assert len(reduces) == 2 * LAYERS + 1  # o and down of each block, and the vocab-parallel embedding
     for r in reduces[1:]:
         assert is_op(r.args[0], aten.linear, fx_ops.linear) and (is_op(r.args[0], aten.linear) or r.args[0].args[3] is None)
-    # down still takes its activation; the first block's q/k/v its norm (no add before it)
-    assert prologues(gm) == [("gated_silu", False)] * LAYERS + [("rms_norm", False)]
+    # gate/up still takes its activation (column-parallel: each rank's [gate | up] shard); the first
+    # block's q/k/v its norm (no add before it); the others read an add_rms_norm after an all-reduce
+    assert folds(gm) == sorted([("none", False, "gated_silu")] * LAYERS + [RMS])

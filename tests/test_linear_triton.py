@@ -71,6 +71,26 @@ def test_reference_is_the_unfused_ops(prologue):
     assert torch.equal(torch.ops.fxopt.linear(x, w, b, r, prologue, g, 1e-6), expected)
 
 
+@pytest.mark.parametrize("kind", ["silu", "gelu", "gelu_tanh", "relu"])
+def test_epilogue_reference_is_the_unfused_ops(kind):
+    """A gated epilogue is ``gated_act`` of the linear's output, bias included."""
+    x, w, b, _, g = operands(5, 48, 20, "rms_norm", residual=False, bias=True, dtype=torch.float32)
+    x, w, b, g = (t.cpu() for t in (x, w, b, g))
+    expected = gated_act_reference(F.linear(rms_norm_reference(x, g, 1e-6), w, b), kind)
+    got = torch.ops.fxopt.linear(x, w, b, None, "rms_norm", g, 1e-6, f"gated_{kind}")
+    assert got.shape == (5, 10) and torch.equal(got, expected)
+
+
+def test_bad_epilogue_is_named():
+    x, w = torch.randn(2, 8), torch.randn(6, 8)
+    with pytest.raises(ValueError, match="unknown epilogue 'rms_norm'"):
+        linear_reference(x, w, epilogue="rms_norm")
+    with pytest.raises(ValueError, match="even number of output features.*got 5"):
+        linear_reference(x, w[:5], epilogue="gated_silu")
+    with pytest.raises(ValueError, match="no residual"):
+        linear_reference(x, w, residual=torch.randn(2, 3), epilogue="gated_silu")
+
+
 def test_bad_prologue_is_named():
     x, w = torch.randn(2, 8), torch.randn(4, 8)
     with pytest.raises(ValueError, match="unknown prologue 'gated_swish'"):
@@ -104,6 +124,46 @@ def test_decode_kernel_random_shapes(k, n, prologue, residual, bias, seed):
     tiles = dict(block_n=4, block_k=32, num_stages=2)
     got = lt.linear_decode(x, w, b, r, prologue, g, 1e-5, tiles)
     assert_close_rel(got, linear_reference(x, w, b, r, prologue, g, 1e-5), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("prologue, kind", [("none", "silu"), ("rms_norm", "silu"), ("rms_norm", "gelu_tanh"),
+                                            ("gated_silu", "relu")])
+def test_decode_kernel_gated_epilogue(prologue, kind, dtype):
+    """The GEMV writes act(gate) * up: half the weight's rows, each gate reduced beside its up."""
+    x, w, b, _, g = operands(1, 100, 50, prologue, residual=False, bias=prologue == "none", dtype=dtype)
+    got = lt.linear_decode(x, w, b, None, prologue, g, 1e-5, epilogue=f"gated_{kind}")
+    expected = linear_reference(x.float(), w.float(), None if b is None else b.float(), None, prologue,
+                                None if g is None else g.float(), 1e-5, f"gated_{kind}")
+    assert got.shape == (1, 25)
+    assert_close_rel(got, expected.to(dtype), dtype)
+
+
+@HYPOTHESIS
+@given(k=st.sampled_from([16, 48, 100, 576]), half=st.integers(1, 37),
+       prologue=st.sampled_from(["none", "rms_norm", "gated_gelu"]),
+       kind=st.sampled_from(["silu", "gelu", "gelu_tanh", "relu"]), bias=st.booleans(),
+       block_n=st.sampled_from([2, 4, 8]), seed=st.integers(0, 1000))
+def test_decode_kernel_gated_epilogue_random_shapes(k, half, prologue, kind, bias, block_n, seed):
+    """Odd numbers of features (a last program with pairs past the end), several tiles."""
+    x, w, b, _, g = operands(1, k, 2 * half, prologue, False, bias, torch.float32, seed)
+    tiles = dict(block_n=block_n, block_k=32, num_stages=2)
+    got = lt.linear_decode(x, w, b, None, prologue, g, 1e-5, tiles, epilogue=f"gated_{kind}")
+    assert_close_rel(got, linear_reference(x, w, b, None, prologue, g, 1e-5, f"gated_{kind}"), torch.float32)
+
+
+@pytest.mark.parametrize("m", [1, 2, 21])
+def test_gated_epilogue_by_rows(m, monkeypatch):
+    """One row: the epilogue inside the decode kernel; more: cuBLAS, then gated_act's kernel."""
+    activations = []
+    real = torch.ops.fxopt.gated_act
+    monkeypatch.setattr(lt, "epilogue_kernel", lambda y, e: activations.append(y.shape) or real(y, e[len("gated_"):]))
+    x, w, _, _, g = operands(m, 64, 30, "rms_norm", residual=False, bias=False, dtype=torch.float32, seed=m)
+    got = lt.linear_triton(x.view(1, m, 64), w, None, None, "rms_norm", g, 1e-6, "gated_silu")
+    assert got.shape == (1, m, 15)
+    assert_close_rel(got, linear_reference(x, w, None, None, "rms_norm", g, 1e-6, "gated_silu").view(1, m, 15),
+                     torch.float32)
+    assert activations == ([] if m == 1 else [(1, m, 30)])
 
 
 def test_dispatch_by_rows(monkeypatch):
@@ -153,6 +213,21 @@ def test_registered_op_gpu(prologue, m, dtype):
     got = torch.ops.fxopt.linear(x, w, b, r, prologue, g, 1e-5)
     expected = linear_reference(x.float(), w.float(), None, None if r is None else r.float(), prologue,
                                 None if g is None else g.float(), 1e-5)
+    assert_close_rel(got, expected, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m", [1, 2, 40])
+@pytest.mark.parametrize("prologue", ["none", "rms_norm"])
+def test_registered_op_gated_epilogue_gpu(prologue, m, dtype):
+    from fxopt.kernels.triton_ops import register_all
+
+    register_all()
+    x, w, b, _, g = operands(m, 576, 1002, prologue, residual=False, bias=prologue == "none", dtype=dtype)
+    got = torch.ops.fxopt.linear(x, w, b, None, prologue, g, 1e-5, "gated_silu")
+    expected = linear_reference(x.float(), w.float(), None if b is None else b.float(), None, prologue,
+                                None if g is None else g.float(), 1e-5, "gated_silu")
     assert_close_rel(got, expected, dtype)
 
 

@@ -75,8 +75,9 @@ def _layers(gen: torch.Generator, dtype):
 
 def _step(h, layers, positions, ops):
     """One decode step of the chain; ``ops`` the Triton functions or their references. The first
-    layer folds its norm and activation into the GEMVs, the others run them as kernels of their own
-    (as an INT8 model's gate/up, activation, down)."""
+    layer folds its norm and activation into the GEMVs (the activation as the down projection's
+    prologue), the second runs them as kernels of their own, the third folds the activation into
+    the INT8 gate/up projection's epilogue."""
     linear, quant_linear, attention, gated_act, rms_norm = ops
     for i, w in enumerate(layers):
         if i == 0:
@@ -86,6 +87,11 @@ def _step(h, layers, positions, ops):
         q, k, v = (t.view(1, 1, HEADS, HEAD_DIM).transpose(1, 2) for t in qkv.split(HIDDEN, dim=-1))
         a = attention(q, k, v, w["k_cache"], w["v_cache"], positions, HEAD_DIM ** -0.5)
         h = linear(a.transpose(1, 2).reshape(1, HIDDEN), w["o"], None, h, "none", None, 0.0)
+        if i == 2:
+            a = quant_linear(h, w["qw"], w["sc"], None, GROUP, 8, HIDDEN, None, "rms_norm", w["g2"], 1e-6,
+                             "gated_silu")
+            h = linear(a, w["down"], None, h, "none", None, 0.0)
+            continue
         gu = quant_linear(h, w["qw"], w["sc"], None, GROUP, 8, HIDDEN, None, "rms_norm", w["g2"], 1e-6)
         if i == 0:
             h = linear(gu, w["down"], None, h, "gated_silu", None, 0.0)
@@ -126,8 +132,9 @@ def _captured_chain(mode: str, monkeypatch, dtype, steps):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_a_captured_chain_of_dependent_kernels_computes_what_it_does_without_pdl(dtype, monkeypatch):
-    """22 kernels deep (GEMVs with a norm prologue, a gated one and a residual, an INT8 GEMV,
-    split attention and its merge, RMSNorm and gated-activation kernels), each reading what the one
+    """21 kernels deep (GEMVs with a norm prologue, a gated one and a residual, INT8 GEMVs with and
+    without a gated epilogue, split attention and its merge, RMSNorm and gated-activation kernels),
+    each reading what the one
     before wrote; replayed at several cache positions with new inputs. Equal to the chain without
     PDL, and close to the references."""
     if torch.cuda.get_device_capability()[0] < 9:

@@ -564,3 +564,61 @@ def test_gpu_residual_batched(m, prologue, fused, bits, monkeypatch):
     expected = quant_linear_reference(*(a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
                                         for a in args))
     torch.testing.assert_close(got.float(), expected, **TOL[dtype])
+
+
+# --------------------------------------------------------------------------------------------- #
+# Gated epilogue (fold_linear's rule 3): act(gate) * up written by the decode kernel
+# --------------------------------------------------------------------------------------------- #
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("m, n, k, group, prologue, kind, bias", [
+    (1, 38, 99, 32, "rms_norm", "silu", False),  # the default fold of a gate/up projection
+    (1, 74, 576, 128, "none", "gelu_tanh", True),  # 37 features: a last program with a pair past the end
+    (1, 38, 100, 48, "gated_silu", "relu", False),
+    (3, 38, 99, 32, "rms_norm", "silu", True),  # the dot path (norm's kernel first)
+    (17, 74, 100, 64, "none", "gelu", False),
+    (qt.DEQUANT_MIN_M + 2, 38, 99, 32, "rms_norm", "silu", True),  # dequantize + cuBLAS, then gated_act
+])
+def test_gated_epilogue(m, n, k, group, prologue, kind, bias, bits, monkeypatch):
+    """The decode kernels write act(gate) * up for [gate | up] weight rows (bias added first), for
+    one row and for the dot path; the prefill paths run gated_act's kernel after them. The output
+    starts as NaN: every feature must be written, none twice-halved."""
+    monkeypatch.setattr(qt, "_COUNTERS", {})
+    g = torch.Generator().manual_seed(m + n + bits)
+    x, qweight, scales, b = make_case(m, n, k, group, bits, torch.float32, bias=bias, seed=k + m)
+    if prologue.startswith("gated_"):
+        x = torch.randn(m, 2 * k, generator=g).to(DEVICE)
+    norm_weight = (torch.rand(k, generator=g) + 0.5).to(DEVICE) if prologue == "rms_norm" else None
+    args = (x, qweight, scales, b, group, bits, k, None, prologue, norm_weight, 1e-5, f"gated_{kind}")
+    expected = quant_linear_reference(*args)
+    out = torch.full((m, n // 2), NAN, device=DEVICE)
+    got = qt.quant_linear_triton(*args, out=out, split_k=3)  # a split is refused: the activation needs the sum
+    assert got is out and got.shape == (m, n // 2) and not torch.isnan(got).any()
+    torch.testing.assert_close(got, expected, atol=5e-5, rtol=5e-5)
+    assert not qt._COUNTERS
+
+
+def test_gated_epilogue_refusals():
+    x, qweight, scales, _ = make_case(1, 37, 64, 32, 8, torch.float32, bias=False)
+    with pytest.raises(ValueError, match="even number of output features.*got 37"):
+        qt.quant_linear_triton(x, qweight, scales, None, 32, 8, 64, epilogue="gated_silu")
+    x, qweight, scales, _ = make_case(1, 38, 64, 32, 8, torch.float32, bias=False)
+    with pytest.raises(ValueError, match="no residual"):
+        qt.quant_linear_triton(x, qweight, scales, None, 32, 8, 64, torch.randn(1, 38), epilogue="gated_silu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("m", [1, 8, 16, 300])
+def test_gpu_gated_epilogue(m, bits):
+    """bf16, a llama-1b gate/up projection behind its norm, through the registered op."""
+    qt.register()
+    n, k, group, dtype = 2 * 8192, 2048, 128, torch.bfloat16
+    x, qweight, scales, _ = make_case(m, n, k, group, bits, dtype, bias=False, device="cuda")
+    norm_weight = torch.rand(k, device="cuda", dtype=dtype) + 0.5
+    args = (x, qweight, scales, None, group, bits, k, None, "rms_norm", norm_weight, 1e-5, "gated_silu")
+    got = torch.ops.fxopt.quant_linear(*args)
+    expected = quant_linear_reference(*(a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                                        for a in args))
+    assert got.shape == (m, n // 2)
+    torch.testing.assert_close(got.float(), expected, **TOL[dtype])

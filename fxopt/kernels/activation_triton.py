@@ -79,6 +79,16 @@ def _activation(x, KIND: tl.constexpr):
     return y
 
 
+@_jit
+def gated_pairs(y, KIND: tl.constexpr, DT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A GEMV's gated epilogue: y (fp32 ``[BLOCK_M, BLOCK_N]``, its columns (gate, up) pairs) ->
+    ``act(gate) * up`` (fp32 ``[BLOCK_M, BLOCK_N // 2]``), rounded as the unfused ops round: the
+    linear's output to DT, ``act(gate)`` to DT; the caller rounds the product as it stores it."""
+    y = y.to(DT).to(tl.float32)
+    gate, up = tl.split(tl.reshape(y, [BLOCK_M, BLOCK_N // 2, 2]))
+    return _activation(gate, KIND).to(DT).to(tl.float32) * up
+
+
 # --------------------------------------------------------------------------------------------- #
 # gated_act
 # --------------------------------------------------------------------------------------------- #

@@ -17,9 +17,13 @@ Decode (M = 1): one kernel, prologue -> GEMV -> epilogue.
     * ``gated_<kind>`` prologue: the program loads the gate and the up features of its K block
       (``I`` apart in ``[gate | up]``) and multiplies ``act(gate) * up``.
     * epilogue: the bias and the residual are added to the fp32 accumulator, rounded once.
+    * ``gated_<kind>`` epilogue (the gate/up projection, whose rows are ``[gate | up]``): a program
+      takes ``BLOCK_N / 2`` features as pairs of rows ``(f, I + f)`` and writes ``act(gate) * up``,
+      so the activation costs no kernel of its own and no recomputation in the next projection
+      (which a ``gated`` prologue makes every one of its programs do over all of K).
 
 More rows (batched decode, prompts): the prologue op (``fxopt.rms_norm`` / ``fxopt.gated_act``,
-    Triton kernels of their own), then cuBLAS: ``addmm`` with the residual as its input (one kernel
+    Triton kernels of their own), then cuBLAS (then the gated epilogue's ``fxopt.gated_act``): ``addmm`` with the residual as its input (one kernel
     for GEMM and add) when there is no bias. (At M = 8 a tensor-core variant of the fused kernel, x
     padded to 16 rows, ran 1.0-1.9x slower than cuBLAS on an H200, llama2-7b shapes, 2026-11-27.)
 
@@ -40,7 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .linear import apply_prologue, check_prologue, gated_kind, linear, linear_add_, linear_reference
+from .linear import (apply_prologue, check_epilogue, check_prologue, gated_kind, linear, linear_add_, linear_reference,
+                     output_features)
 
 from .triton_env import (PREFETCH_CHUNKS, PREFETCH_TAIL_BYTES, check_pdl_knobs, jit as _jit, pdl_code, prefetch_plan,
                          tl, triton)
@@ -68,7 +73,7 @@ DECODE_TILES = dict(block_n=8, block_k=512, num_warps=4, num_stages=3, trigger_s
 # --------------------------------------------------------------------------------------------- #
 
 if triton is not None:
-    from .activation_triton import _activation
+    from .activation_triton import _activation, gated_pairs
     from .triton_env import l2_prefetch, l2_prefetch_rows, pdl_trigger, pdl_trigger_at, pdl_wait
 
 
@@ -98,24 +103,42 @@ def _weight_block(w_rows, mask_n, offs_k, K):
 
 
 @_jit
+def gemv_rows(pid, N, BLOCK_N: tl.constexpr, GATED: tl.constexpr):
+    """(the weight rows of program ``pid``, their mask, the output features it writes, their mask).
+    Plain: rows and features ``pid * BLOCK_N + [0, BLOCK_N)``. GATED (a gated epilogue over a
+    weight of N = 2H rows ``[gate | up]``): BLOCK_N // 2 features f, each as the pair of rows
+    (f, H + f), interleaved, so that a row's gate and up are reduced side by side."""
+    if GATED:
+        half = N // 2
+        offs_f = pid * (BLOCK_N // 2) + tl.arange(0, BLOCK_N) // 2
+        offs_n = offs_f + (tl.arange(0, BLOCK_N) % 2) * half
+        offs_o = pid * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+        return offs_n, offs_f < half, offs_o, offs_o < half
+    else:
+        offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        return offs_n, offs_n < N, offs_n, offs_n < N
+
+
+@_jit
 def _decode_kernel(
     X, W, BIAS, RES, G, Y, PF, N, K, stride_wn, eps, pf_total, pf_chunk,
     PROLOGUE: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
     PDL: tl.constexpr, PREFETCH: tl.constexpr = False, PF_CHUNKS: tl.constexpr = 1,
-    TRIGGER_STEPS: tl.constexpr = 0, PRELOAD: tl.constexpr = 0,
+    TRIGGER_STEPS: tl.constexpr = 0, PRELOAD: tl.constexpr = 0, EPILOGUE: tl.constexpr = "none",
 ):
     """Y[n-block] = epilogue(prologue(X) . W[n-block]^T) for one row X, over all of K.
 
     PROLOGUE: 0 none, 1 rms_norm (G its weight), 2 gated activation ACT over X = [gate | up].
+    EPILOGUE: "none", or an activation kind: the weight's rows are [gate | up] and Y gets
+    act(gate) * up (``gemv_rows`` pairs them up; the bias is added before, there is no residual).
     PDL (triton_env): waits for the kernel before (which wrote X, RES) before reading anything
     but its own weight rows, whose first PRELOAD bytes it may prefetch into L2 first; triggers the
     next kernel TRIGGER_STEPS K steps before the end of its loop (0: after it).
     PREFETCH (triton_env.l2_prefetch): after its loop, the program prefetches its share of
     ``pf_total`` bytes at PF (the next linear's weight) into L2, while the last programs finish."""
     pid = tl.program_id(0)
-    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
+    offs_n, mask_n, offs_o, mask_o = gemv_rows(pid, N, BLOCK_N, EPILOGUE != "none")
     w_rows = W + offs_n.to(tl.int64)[:, None] * stride_wn  # int64: a 256k-vocab head passes 2**31
     offs_kb = tl.arange(0, BLOCK_K)
     DT: tl.constexpr = W.dtype.element_ty
@@ -143,9 +166,11 @@ def _decode_kernel(
 
     if HAS_BIAS:
         y += tl.load(BIAS + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    if EPILOGUE != "none":
+        y = tl.reshape(gated_pairs(y[None, :], EPILOGUE, DT, 1, BLOCK_N), [BLOCK_N // 2])
     if HAS_RES:
-        y += tl.load(RES + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-    tl.store(Y + offs_n, y.to(Y.dtype.element_ty), mask=mask_n)
+        y += tl.load(RES + offs_o, mask=mask_o, other=0.0).to(tl.float32)
+    tl.store(Y + offs_o, y.to(Y.dtype.element_ty), mask=mask_o)
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -174,15 +199,18 @@ def decode_tiles(overrides: dict | None = None) -> dict:
 
 def linear_decode(x2: Tensor, weight: Tensor, bias: Tensor | None, residual2: Tensor | None, prologue: str,
                   norm_weight: Tensor | None, eps: float, tiles: dict | None = None,
-                  prefetch: Tensor | None = None) -> Tensor:
-    """The decode kernel on one row: x ``[1, K]`` (``[1, 2K]`` gated), residual ``[1, N]``; returns ``[1, N]``.
+                  prefetch: Tensor | None = None, epilogue: str = "none") -> Tensor:
+    """The decode kernel on one row: x ``[1, K]`` (``[1, 2K]`` gated), residual ``[1, N]``; returns ``[1, N]``
+    (``[1, N / 2]`` after a gated epilogue).
     ``prefetch``: the first PREFETCH_TAIL_BYTES of this weight go to L2 as the programs finish."""
     n, k = weight.shape
     tiles = decode_tiles(tiles)
-    y = torch.empty((1, n), dtype=x2.dtype, device=x2.device)
+    n_out = output_features(n, epilogue)
+    y = torch.empty((1, n_out), dtype=x2.dtype, device=x2.device)
     kind = gated_kind(prologue)
     pdl = pdl_code(x2.device)
-    programs = triton.cdiv(n, tiles["block_n"])
+    # A gated epilogue's program reads BLOCK_N rows (BLOCK_N / 2 pairs) and writes BLOCK_N / 2 features.
+    programs = triton.cdiv(n_out, tiles["block_n"] // 2 if epilogue != "none" else tiles["block_n"])
     pf_total, pf_chunk = prefetch_plan(prefetch, programs, limit=PREFETCH_TAIL_BYTES)
     _decode_kernel[(programs,)](
         x2, weight, bias if bias is not None else y, residual2 if residual2 is not None else y,
@@ -193,9 +221,15 @@ def linear_decode(x2: Tensor, weight: Tensor, bias: Tensor | None, residual2: Te
         BLOCK_N=tiles["block_n"], BLOCK_K=tiles["block_k"], NUM_STAGES=tiles["num_stages"],
         PDL=pdl, PREFETCH=pf_total > 0, PF_CHUNKS=PREFETCH_CHUNKS,
         TRIGGER_STEPS=tiles["trigger_steps"] if pdl else 0, PRELOAD=tiles["preload"] if pdl else 0,
-        num_warps=tiles["num_warps"], launch_pdl=pdl > 0,
+        EPILOGUE=gated_kind(epilogue) or "none", num_warps=tiles["num_warps"], launch_pdl=pdl > 0,
     )
     return y
+
+
+def epilogue_kernel(y: Tensor, epilogue: str) -> Tensor:
+    """The linear's output after its epilogue, by the epilogue op's own kernel (for many rows)."""
+    kind = gated_kind(epilogue)
+    return torch.ops.fxopt.gated_act(y, kind) if kind else y
 
 
 def prologue_kernel(x: Tensor, prologue: str, norm_weight: Tensor | None, eps: float) -> Tensor:
@@ -208,9 +242,12 @@ def prologue_kernel(x: Tensor, prologue: str, norm_weight: Tensor | None, eps: f
 
 
 def linear_prompt(x: Tensor, weight: Tensor, bias: Tensor | None, residual: Tensor | None, prologue: str,
-                  norm_weight: Tensor | None, eps: float) -> Tensor:
-    """Many rows: the prologue's own kernel, then cuBLAS (the residual as addmm's input)."""
+                  norm_weight: Tensor | None, eps: float, epilogue: str = "none") -> Tensor:
+    """Many rows: the prologue's own kernel, then cuBLAS (the residual as addmm's input), then the
+    epilogue's kernel."""
     x = prologue_kernel(x, prologue, norm_weight, eps)
+    if epilogue != "none":
+        return epilogue_kernel(F.linear(x, weight, bias), epilogue)  # check_epilogue: no residual
     if residual is not None and bias is None and residual.dtype == x.dtype and residual.shape[:-1] == x.shape[:-1]:
         y = torch.addmm(residual.reshape(-1, weight.shape[0]), x.reshape(-1, x.shape[-1]), weight.t())
         return y.view(residual.shape)
@@ -220,8 +257,9 @@ def linear_prompt(x: Tensor, weight: Tensor, bias: Tensor | None, residual: Tens
 
 def linear_triton(x: Tensor, weight: Tensor, bias: Tensor | None = None, residual: Tensor | None = None,
                   prologue: str = "none", norm_weight: Tensor | None = None, eps: float = 0.0,
-                  prefetch: Tensor | None = None) -> Tensor:
+                  epilogue: str = "none", prefetch: Tensor | None = None) -> Tensor:
     check_prologue(prologue, norm_weight)
+    check_epilogue(epilogue, weight.shape[0], residual)
     n = weight.shape[0]
     lead = x.shape[:-1]
     m = x.numel() // x.shape[-1] if x.shape[-1] else 0
@@ -232,8 +270,9 @@ def linear_triton(x: Tensor, weight: Tensor, bias: Tensor | None = None, residua
             return linear_reference(x, weight, bias, residual, prologue, norm_weight, eps)  # broadcasting
         residual2 = residual.reshape(m, n)
     if m == 1 and _decode_ok(x2, weight, bias, residual2, norm_weight):
-        return linear_decode(x2, weight, bias, residual2, prologue, norm_weight, eps, prefetch=prefetch).view(*lead, n)
-    return linear_prompt(x, weight, bias, residual, prologue, norm_weight, eps)
+        y = linear_decode(x2, weight, bias, residual2, prologue, norm_weight, eps, prefetch=prefetch, epilogue=epilogue)
+        return y.view(*lead, y.shape[-1])
+    return linear_prompt(x, weight, bias, residual, prologue, norm_weight, eps, epilogue)
 
 
 def linear_add_triton(x: Tensor, weight: Tensor, bias: Tensor | None, residual: Tensor, prologue: str = "none",

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .linear import apply_prologue, check_prologue, empty_output
+from .linear import apply_epilogue, apply_prologue, check_epilogue, check_prologue, empty_output
 
 QMAX = {8: 127, 4: 7}
 
@@ -68,29 +68,30 @@ def dequantize_weight(qweight: Tensor, scales: Tensor, group_size: int, bits: in
 
 def quant_linear_reference(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None, group_size: int,
                            bits: int, in_features: int, residual: Tensor | None = None, prologue: str = "none",
-                           norm_weight: Tensor | None = None, eps: float = 0.0) -> Tensor:
+                           norm_weight: Tensor | None = None, eps: float = 0.0, epilogue: str = "none") -> Tensor:
     """``F.linear`` with the dequantized weight; ``residual`` / ``prologue`` / ``norm_weight`` /
-    ``eps`` fold the norm or gated activation before it and the residual add after it, exactly as
-    ``fxopt.linear`` does (``fold_linear`` writes them)."""
+    ``eps`` / ``epilogue`` fold the norm or gated activation before it, the gated activation or the
+    residual add after it, exactly as ``fxopt.linear`` does (``fold_linear`` writes them)."""
     check_prologue(prologue, norm_weight)
+    check_epilogue(epilogue, qweight.shape[0], residual)
     x = apply_prologue(x, prologue, norm_weight, eps)
     w = dequantize_weight(qweight, scales, group_size, bits, in_features, x.dtype)
-    y = F.linear(x, w, None if bias is None else bias.to(x.dtype))
+    y = apply_epilogue(F.linear(x, w, None if bias is None else bias.to(x.dtype)), epilogue)
     return y if residual is None else y + residual
 
 
 @torch.library.custom_op("fxopt::quant_linear", mutates_args=())
 def quant_linear(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None, group_size: int, bits: int,
                  in_features: int, residual: Tensor | None = None, prologue: str = "none",
-                 norm_weight: Tensor | None = None, eps: float = 0.0) -> Tensor:
+                 norm_weight: Tensor | None = None, eps: float = 0.0, epilogue: str = "none") -> Tensor:
     return quant_linear_reference(x, qweight, scales, bias, group_size, bits, in_features, residual, prologue,
-                                  norm_weight, eps)
+                                  norm_weight, eps, epilogue)
 
 
 @quant_linear.register_fake
 def _(x, qweight, scales, bias, group_size, bits, in_features, residual=None, prologue="none", norm_weight=None,
-      eps=0.0):
-    return empty_output(x, qweight.shape[0], residual, norm_weight)
+      eps=0.0, epilogue="none"):
+    return empty_output(x, qweight.shape[0], residual, norm_weight, epilogue)
 
 
 @torch.library.custom_op("fxopt::quant_linear_add_", mutates_args=("residual",))

@@ -107,13 +107,14 @@ import itertools
 import torch
 from torch import Tensor
 
-from .linear import check_prologue, gated_kind
-from .linear_triton import _input_block, prologue_kernel
+from .linear import check_epilogue, check_prologue, gated_kind, output_features
+from .linear_triton import _input_block, epilogue_kernel, gemv_rows, prologue_kernel
 from .quant import n_groups, quant_linear, quant_linear_add_, quant_linear_reference
 
 from .triton_env import INTERPRET, check_pdl_knobs, jit as _jit, pdl_code, tl, triton
 
 if triton is not None:
+    from .activation_triton import gated_pairs
     from .triton_env import l2_prefetch_rows, pdl_trigger, pdl_trigger_at, pdl_wait
 
 
@@ -486,6 +487,19 @@ def _store_output(Y, BIAS, acc, offs_m, offs_n, M, N, stride_ym, HAS_BIAS: tl.co
 
 
 @_jit
+def _store_gated(Y, BIAS, acc, offs_m, offs_n, mask_n, offs_o, mask_o, M, stride_ym, HAS_BIAS: tl.constexpr,
+                 KIND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The gated epilogue: acc (fp32 [BLOCK_M, BLOCK_N], its columns the (gate, up) row pairs of
+    ``gemv_rows``) + bias, then act(gate) * up rounded once into Y [M, features ``offs_o``]."""
+    DT: tl.constexpr = Y.dtype.element_ty
+    if HAS_BIAS:
+        acc = acc + tl.load(BIAS + offs_n, mask=mask_n, other=0.0).to(DT).to(tl.float32)[None, :]
+    out = gated_pairs(acc, KIND, DT, BLOCK_M, BLOCK_N)
+    offsets = offs_m.to(tl.int64)[:, None] * stride_ym + offs_o[None, :]
+    tl.store(Y + offsets, out.to(DT), mask=(offs_m < M)[:, None] & mask_o[None, :])
+
+
+@_jit
 def _store_split(Y, BIAS, PART, CNT, acc, offs_m, offs_n, M, N, stride_ym, pid_n, split, n_splits,
                  HAS_BIAS: tl.constexpr, FUSED_REDUCE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  RES=None, HAS_RES: tl.constexpr = False):
@@ -521,7 +535,7 @@ def _decode_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
     NUM_STAGES: tl.constexpr, PROLOGUE: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr,
     PDL: tl.constexpr = 0, SCALES_AHEAD: tl.constexpr = False, TRIGGER_STEPS: tl.constexpr = 0,
-    PRELOAD: tl.constexpr = 0,
+    PRELOAD: tl.constexpr = 0, EPILOGUE: tl.constexpr = "none",
 ):
     """All M (<= BLOCK_M) rows of x times BLOCK_N weight rows, over one split of K.
 
@@ -531,11 +545,13 @@ def _decode_kernel(
     rms_norm with weight G, 2: gated activation ACT over X = [gate | up]), as ``linear_triton`` does.
     PDL (triton_env): waits for the kernel before (which wrote X, RES) before reading anything but
     its weight rows, whose first PRELOAD bytes it may prefetch into L2 first; triggers the next
-    kernel TRIGGER_STEPS K steps before the end of its loop (0: after it)."""
+    kernel TRIGGER_STEPS K steps before the end of its loop (0: after it).
+    EPILOGUE (without SPLIT): "none" or an activation kind; the N weight rows are [gate | up], the
+    program reduces BLOCK_N / 2 (gate, up) row pairs (``linear_triton.gemv_rows``) and writes
+    act(gate) * up to Y [M, N / 2]."""
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
+    offs_n, mask_n, offs_o, mask_o = gemv_rows(pid_n, N, BLOCK_N, EPILOGUE != "none")
     rows = offs_n.to(tl.int64)  # int64: row * stride passes 2**31 for a 256k-vocab lm_head
     offs_m = tl.arange(0, BLOCK_M)
     k_start = split * k_per_split
@@ -586,7 +602,10 @@ def _decode_kernel(
                              BITS, BLOCK_M, BLOCK_N, BLOCK_K, SUB, DOT_PRECISION)
         pdl_trigger(PDL)
 
-    if SPLIT:
+    if EPILOGUE != "none":
+        _store_gated(Y, BIAS, acc, offs_m, offs_n, mask_n, offs_o, mask_o, M, stride_ym, HAS_BIAS, EPILOGUE,
+                     BLOCK_M, BLOCK_N)
+    elif SPLIT:
         _store_split(Y, BIAS, PART, CNT, acc, offs_m, offs_n, M, N, stride_ym, pid_n, split, n_splits,
                      HAS_BIAS, FUSED_REDUCE, BLOCK_M, BLOCK_N, RES, HAS_RES)
     else:
@@ -809,17 +828,19 @@ def _split_counters(device: torch.device, n: int) -> Tensor | None:
 
 
 def _decode(x2, qweight, scales, bias, y2, group_size, bits, in_features, split_k, config,
-            residual2=None, prologue="none", norm_weight=None, eps=0.0):
-    m, n = y2.shape
-    if prologue != "none":
-        split_k = 1  # a norm needs the whole row (the residual is added by whoever writes y2)
+            residual2=None, prologue="none", norm_weight=None, eps=0.0, epilogue="none"):
+    m, n_out = y2.shape
+    n = qweight.shape[0]
+    if prologue != "none" or epilogue != "none":
+        split_k = 1  # a norm needs the whole row, an activation the whole sum
     if prologue != "none" and config is None:
         # Every program computes the prologue over all of K: more rows a program amortize it (the
         # int8 GEMV has few instructions to spare per weight, see the module docstring).
         config = dict(block_n=max(FOLDED_MIN_BLOCK_N, decode_tiles(m, bits)["block_n"]))
     plan = decode_plan(m, n, in_features, group_size, y2.device, split_k, config, bits=bits)
     split_k = plan["split_k"]
-    n_blocks = triton.cdiv(n, plan["block_n"])
+    # A gated epilogue's program reduces BLOCK_N rows: BLOCK_N / 2 (gate, up) pairs.
+    n_blocks = triton.cdiv(n_out, plan["block_n"] // 2 if epilogue != "none" else plan["block_n"])
     counters = _split_counters(y2.device, n_blocks) if split_k > 1 and plan["fused_reduce"] else None
     partials = _alloc_partials((split_k, m, n), y2.device) if split_k > 1 else y2  # y2: never touched
     pdl = pdl_code(y2.device)
@@ -837,6 +858,7 @@ def _decode(x2, qweight, scales, bias, y2, group_size, bits, in_features, split_
         DOT_PRECISION=_dot_precision(x2.dtype), NUM_STAGES=plan["num_stages"],
         PDL=pdl, SCALES_AHEAD=bool(plan["scales_ahead"]),
         TRIGGER_STEPS=plan["trigger_steps"] if pdl else 0, PRELOAD=plan["preload"] if pdl else 0,
+        EPILOGUE=gated_kind(epilogue) or "none",
         num_warps=plan["num_warps"], num_stages=plan["num_stages"], launch_pdl=pdl > 0,
     )
     if split_k > 1 and counters is None:
@@ -976,14 +998,16 @@ def default_path(m: int) -> str:
 
 def quant_linear_triton(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None, group_size: int,
                         bits: int, in_features: int, residual: Tensor | None = None, prologue: str = "none",
-                        norm_weight: Tensor | None = None, eps: float = 0.0, *, out: Tensor | None = None,
-                        path: str | None = None, split_k: int | None = None, config: dict | None = None) -> Tensor:
+                        norm_weight: Tensor | None = None, eps: float = 0.0, epilogue: str = "none", *,
+                        out: Tensor | None = None, path: str | None = None, split_k: int | None = None,
+                        config: dict | None = None) -> Tensor:
     """``quant_linear_reference`` on the Triton kernels (CUDA tensors, or CPU tensors under
     ``TRITON_INTERPRET=1``). No host sync: safe to capture in a CUDA graph.
 
     A prologue (``fold_linear``) runs inside the decode kernel for one row; for more rows the
     prologue's own kernel runs first. The residual is added where the output is written (the decode
-    kernel or its split-K reduction), and after the prefill paths.
+    kernel or its split-K reduction), and after the prefill paths. A gated epilogue runs in the
+    decode kernel (any M it takes, no split of K); after the prefill paths, its own kernel.
 
     ``out`` (contiguous, ``[*x.shape[:-1], out_features]``, ``x.dtype``) is written instead of a new
     tensor. For tests and tuning: ``path`` ("decode", "prefill" or "dequant") overrides
@@ -996,6 +1020,7 @@ def quant_linear_triton(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor
     if x.device.type != "cuda" and not INTERPRET:
         raise RuntimeError("quant_linear_triton: CPU tensors need TRITON_INTERPRET=1 set before fxopt is imported")
     check_prologue(prologue, norm_weight)
+    check_epilogue(epilogue, qweight.shape[0], residual)
     if not supported(x, qweight, scales, bias, group_size, bits, in_features, residual, prologue, norm_weight):
         raise ValueError("quant_linear_triton: unsupported arguments (see supported()); use the reference")
     m = x.numel() // x.shape[-1]
@@ -1003,28 +1028,32 @@ def quant_linear_triton(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor
     if prologue != "none" and (m != 1 or path != "decode"):  # the decode kernel folds it for one row
         x = prologue_kernel(x, prologue, norm_weight, eps)
         prologue = "none"
+    out_features = qweight.shape[0]
+    shape = (*x.shape[:-1], output_features(out_features, epilogue))
+    if out is not None and (out.shape != shape or out.dtype != x.dtype or not out.is_contiguous()):
+        raise ValueError(f"quant_linear_triton: expected a contiguous {x.dtype} out of shape {shape}, got "
+                         f"{out.dtype} {tuple(out.shape)} with strides {out.stride()}")
+    if epilogue != "none" and path != "decode":
+        y = epilogue_kernel(quant_linear_triton(x, qweight, scales, bias, group_size, bits, in_features, path=path,
+                                                split_k=split_k, config=config), epilogue)
+        return y if out is None else out.copy_(y)
     if residual is not None and path != "decode":
         y = quant_linear_triton(x, qweight, scales, bias, group_size, bits, in_features, out=out, path=path,
                                 split_k=split_k, config=config)
         return y.add_(residual)
-    out_features = qweight.shape[0]
-    shape = (*x.shape[:-1], out_features)
     if out is None:
         out = torch.empty(shape, dtype=x.dtype, device=x.device)
-    elif out.shape != shape or out.dtype != x.dtype or not out.is_contiguous():
-        raise ValueError(f"quant_linear_triton: expected a contiguous {x.dtype} out of shape {shape}, got "
-                         f"{out.dtype} {tuple(out.shape)} with strides {out.stride()}")
     if out.numel() == 0:
         return out
     # x as [M, K] with a unit column stride: a view when the leading dims merge, else a copy.
     x2 = _unit_last_stride(x).reshape(-1, x.shape[-1])
-    y2 = out.view(-1, out_features)
+    y2 = out.view(-1, shape[-1])
     qweight, scales = _unit_last_stride(qweight), _unit_last_stride(scales)
     bias = bias.contiguous() if bias is not None else None
     if path == "decode":
         residual2 = residual.reshape(-1, out_features).contiguous() if residual is not None else None
         _decode(x2, qweight, scales, bias, y2, group_size, bits, in_features, split_k, config, residual2,
-                prologue, norm_weight.contiguous() if norm_weight is not None else None, eps)
+                prologue, norm_weight.contiguous() if norm_weight is not None else None, eps, epilogue)
     elif path == "prefill":
         _prefill(x2, qweight, scales, bias, y2, group_size, bits, in_features, config)
     elif path == "dequant":
@@ -1065,11 +1094,11 @@ def quant_linear_add_triton(x: Tensor, qweight: Tensor, scales: Tensor, bias: Te
 
 
 def _cuda_impl(x, qweight, scales, bias, group_size, bits, in_features, residual=None, prologue="none",
-               norm_weight=None, eps=0.0):
+               norm_weight=None, eps=0.0, epilogue="none"):
     args = (x, qweight, scales, bias, group_size, bits, in_features, residual, prologue, norm_weight, eps)
     if supported(*args[:-1]):
-        return quant_linear_triton(*args)
-    return quant_linear_reference(*args)
+        return quant_linear_triton(*args, epilogue)
+    return quant_linear_reference(*args, epilogue)
 
 
 def register() -> bool:

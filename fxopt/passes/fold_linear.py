@@ -15,8 +15,8 @@ and afterwards::
 
     qkv = fxopt.linear(h1, w_qkv, prologue="rms_norm", norm_weight=g1)
     h2  = fxopt.linear(attn, w_o, residual=h1)
-    gu  = fxopt.linear(h2, w_gu, prologue="rms_norm", norm_weight=g2)
-    h3  = fxopt.linear(gu, w_down, residual=h2, prologue="gated_silu")
+    a   = fxopt.linear(h2, w_gu, prologue="rms_norm", norm_weight=g2, epilogue="gated_silu")
+    h3  = fxopt.linear(a, w_down, residual=h2)
 
 Four kernels where there were seven, at batch 1 (``fxopt/kernels/linear_triton.py``). The rules,
 in order, each read off the dataflow:
@@ -26,9 +26,14 @@ in order, each read off the dataflow:
    ``add(y, r)`` of the same shape and dtype → ``h``;
 2. **norm prologue**: ``linear(rms_norm(h), w)``, the norm used by this linear only →
    ``fxopt.linear(h, w, prologue="rms_norm")``;
-3. **gated prologue**: ``linear(gated_act(gu, kind), w)``, the activation used here only →
-   ``fxopt.linear(gu, w, prologue="gated_<kind>")``;
-4. **add + norm**: an ``add`` whose sum feeds an ``rms_norm`` (what ``unfold_linears`` leaves when
+3. **gated epilogue**: ``gated_act(linear(h, w_gu), kind)``, the linear's output (an even number
+   of features, no residual) read by the activation only → ``fxopt.linear(h, w_gu,
+   epilogue="gated_<kind>")``: the GEMV reduces each gate row beside its up row and writes
+   ``act(gate) * up``;
+4. **gated prologue**: ``linear(gated_act(gu, kind), w)``, the activation used here only →
+   ``fxopt.linear(gu, w, prologue="gated_<kind>")`` (where rule 3 did not take it: every program
+   of this linear then recomputes the activation over all of K);
+5. **add + norm**: an ``add`` whose sum feeds an ``rms_norm`` (what ``unfold_linears`` leaves when
    the linear became a ``quant_linear``) → ``add_rms_norm`` again.
 
 A linear after an all-reduce (tensor parallelism) is not followed by its add directly, so the
@@ -36,12 +41,12 @@ residual is never added before the reduction.
 
 Which rules fire is an option per kind of linear: ``fold_float_linear`` (default True: all) and
 ``fold_quant_linear``, each True for every rule, False for none, or some of the kinds
-``("residual", "rms_norm", "gated")`` (rules 1, 2, 3) for those alone. The INT8 decode kernel
-takes the same prologue and epilogue as the float one, but every program computes its prologue
-over all of K, which costs more than the gated activation's own kernel: for ``quant_linear``
-nodes the default (``QUANT_DEFAULT``, its measurements beside it) folds the residuals and the
-norms only. Around an unfolded ``quant_linear``, rule 4 keeps the residual add and the norm after
-it one kernel. ``unfold_linears`` is the inverse of rules 1-3 for ``fxopt.linear``, for a pass that
+``("residual", "rms_norm", "gated_epilogue", "gated")`` (rules 1, 2, 3, 4) for those alone. The
+INT8 decode kernel takes the same prologue and epilogue as the float one, but every program
+computes its prologue over all of K, which costs more than the gated activation's own kernel: for
+``quant_linear`` nodes the default (``QUANT_DEFAULT``, its measurements beside it) leaves the
+gated prologue out. Around an unfolded ``quant_linear``, rule 5 keeps the residual add and the
+norm after it one kernel. ``unfold_linears`` is the inverse of rules 1-4 for ``fxopt.linear``, for a pass that
 meets them and knows only plain linears (``quantize`` on an already folded graph unfolds, quantizes
 and folds again).
 
@@ -69,17 +74,18 @@ GATED_ACT = torch.ops.fxopt.gated_act.default
 # What follows x in each kind of linear, then the folded fields every kind ends with.
 CORE = {aten.linear.default: ("weight", "bias"), LINEAR: ("weight", "bias"),
         QUANT_LINEAR: ("qweight", "scales", "bias", "group_size", "bits", "in_features")}
-FOLDED = ("residual", "prologue", "norm_weight", "eps")
-DEFAULTS = dict(bias=None, residual=None, prologue="none", norm_weight=None, eps=0.0)
-# What ``fold_float_linear`` and ``fold_quant_linear`` may name: the residual epilogue (rule 1),
-# the norm and the gated activation prologues (rules 2, 3).
-KINDS = ("residual", "rms_norm", "gated")
-# The default: the residuals and norms fold into INT8 linears, the gated activation stays a kernel
-# of its own. On an H100 (2026-12-07, batch 1) against nothing folded: llama-1b 0.941 -> 0.877 ms a
-# token, llama2-7b 3.222 -> 3.153; folding everything gave 0.918 / 3.279, the activation alone
+FOLDED = ("residual", "prologue", "norm_weight", "eps", "epilogue")
+DEFAULTS = dict(bias=None, residual=None, prologue="none", norm_weight=None, eps=0.0, epilogue="none")
+# What ``fold_float_linear`` and ``fold_quant_linear`` may name: the residual (rule 1), the norm
+# prologue (rule 2), the gated activation as the gate/up projection's epilogue (rule 3) and as the
+# down projection's prologue (rule 4).
+KINDS = ("residual", "rms_norm", "gated_epilogue", "gated")
+# The default for INT8 linears: everything but the gated prologue. On an H100 (2026-12-07, batch 1)
+# against nothing folded, before rule 3 existed: residuals and norms llama-1b 0.941 -> 0.877 ms a
+# token, llama2-7b 3.222 -> 3.153; with the gated prologue too 0.918 / 3.279, the prologue alone
 # 0.983 / 3.341 (the down projection's K = 11008 makes recomputing the activation in every program
-# cost more than its kernel).
-QUANT_DEFAULT = ("residual", "rms_norm")
+# cost more than its kernel). The epilogue (rule 3) computes it once, in the gate/up GEMV.
+QUANT_DEFAULT = ("residual", "rms_norm", "gated_epilogue")
 
 
 def linear_fields(node: fx.Node) -> dict | None:
@@ -104,6 +110,7 @@ def _replace(gm: fx.GraphModule, old: fx.Node, fields: dict, where: fx.Node | No
         new = graph.call_function(op, args)
     new.meta["nn_module_stack"] = old.meta.get("nn_module_stack", {})
     folded = [p for p in (fields["prologue"],) if p != "none"] + ["residual"] * (fields["residual"] is not None)
+    folded += [f"epilogue_{fields['epilogue']}"] * (fields["epilogue"] != "none")
     meta = dict(old.meta.get("fxopt", {}))
     meta.setdefault("pattern", "fold_linear")  # a concatenated q/k/v keeps its own label
     new.meta["fxopt"] = {**meta, "folded": "+".join(folded)}
@@ -188,7 +195,7 @@ def _fold_add(gm: fx.GraphModule, node: fx.Node, kinds: dict) -> bool:
 
 
 def _fold_prologue(gm: fx.GraphModule, node: fx.Node, kinds: dict) -> str | None:
-    """Rules 2 and 3 on a linear node (for the prologues ``kinds`` gives its op); returns the rule
+    """Rules 2 and 4 on a linear node (for the prologues ``kinds`` gives its op); returns the rule
     that fired."""
     fields = linear_fields(node)
     if fields is None or fields["prologue"] != "none":
@@ -211,8 +218,24 @@ def _fold_prologue(gm: fx.GraphModule, node: fx.Node, kinds: dict) -> str | None
     return "linear_prologue_" + ("rms_norm" if fields["prologue"] == "rms_norm" else "gated")
 
 
+def _fold_epilogue(gm: fx.GraphModule, act: fx.Node, kinds: dict) -> bool:
+    """Rule 3 on a gated_act node: the linear whose output it alone reads takes it as its epilogue."""
+    y, kind = act.args
+    fields = linear_fields(y) if isinstance(y, fx.Node) and isinstance(kind, str) else None
+    if fields is None or "gated_epilogue" not in kinds[fields["op"]] or len(y.users) != 1:
+        return False
+    val = _val(gm, y)
+    if fields["residual"] is not None or fields["epilogue"] != "none" or val is None or val.shape[-1] % 2:
+        return False
+    fields["epilogue"] = f"gated_{kind}"
+    new = _replace(gm, y, fields)
+    act.replace_all_uses_with(new)
+    gm.graph.erase_node(act)
+    return True
+
+
 def _refuse_add_norm(gm: fx.GraphModule, norm: fx.Node) -> bool:
-    """Rule 4 on an rms_norm node."""
+    """Rule 5 on an rms_norm node."""
     s = norm.args[0]
     if not is_op(s, aten.add.Tensor) or len(s.args) != 2 or s.kwargs or not all(isinstance(a, fx.Node) for a in s.args):
         return False
@@ -253,7 +276,7 @@ def fold_kinds(option, name: str) -> frozenset:
 
 
 def fold_linears(gm: fx.GraphModule, quant=False, float_linear=True) -> Counter:
-    """Apply rules 1-4 everywhere: to float linears the kinds ``float_linear`` names, to
+    """Apply rules 1-5 everywhere: to float linears the kinds ``float_linear`` names, to
     ``quant_linear`` nodes those ``quant`` names (each True, False or some of KINDS, as
     ``fold_kinds`` reads them); counts by rule."""
     kinds = {LINEAR: fold_kinds(float_linear, "fold_float_linear"),
@@ -263,6 +286,9 @@ def fold_linears(gm: fx.GraphModule, quant=False, float_linear=True) -> Counter:
         if (is_op(node, ADD_RMS_NORM) and _fold_residual(gm, node, kinds)) or (
                 is_op(node, aten.add.Tensor) and _fold_add(gm, node, kinds)):
             counts["linear_residual"] += 1
+    for node in list(gm.graph.nodes):
+        if is_op(node, GATED_ACT) and _fold_epilogue(gm, node, kinds):
+            counts["linear_epilogue_gated"] += 1
     for node in list(gm.graph.nodes):
         rule = _fold_prologue(gm, node, kinds)
         if rule:
@@ -275,8 +301,9 @@ def fold_linears(gm: fx.GraphModule, quant=False, float_linear=True) -> Counter:
 
 
 def unfold_linears(gm: fx.GraphModule) -> int:
-    """Rewrite every ``fxopt.linear`` as its parts: the prologue op, ``aten.linear``, ``aten.add``
-    (so that a pass that knows plain linears, like ``quantize``, sees them). Returns how many."""
+    """Rewrite every ``fxopt.linear`` as its parts: the prologue op, ``aten.linear``, the epilogue op,
+    ``aten.add`` (so that a pass that knows plain linears, like ``quantize``, sees them). Returns how
+    many."""
     graph = gm.graph
     count = 0
     for node in list(graph.nodes):
@@ -296,6 +323,9 @@ def unfold_linears(gm: fx.GraphModule) -> int:
             args = (x, f["weight"]) if f["bias"] is None else (x, f["weight"], f["bias"])
             y = graph.call_function(aten.linear.default, args)
             new.append(y)
+            if f["epilogue"] != "none":
+                y = graph.call_function(GATED_ACT, (y, f["epilogue"][len("gated_"):]))
+                new.append(y)
             if f["residual"] is not None:
                 y = graph.call_function(aten.add.Tensor, (y, f["residual"]))
                 new.append(y)

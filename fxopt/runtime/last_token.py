@@ -173,7 +173,8 @@ def accumulate_residuals(graph: fx.Graph) -> int:
         if any(order[u] >= order[node] for v in views for u in v.users if u is not node):
             continue
         op = fields["op"]
-        args = tuple(fields[name] for name in ("x", *CORE[op], *FOLDED))  # linear's prefetch, a decode hint: dropped
+        # linear's prefetch, a decode hint: dropped; the epilogue: "none" (never with a residual).
+        args = tuple(fields[name] for name in ("x", *CORE[op], *FOLDED) if name != "epilogue")
         with graph.inserting_before(node):
             acc = graph.call_function(IN_PLACE[op], args)
         acc.meta = {k: v for k, v in node.meta.items() if k != "val"}
