@@ -21,12 +21,12 @@ if [ "$mode" = anchors ]; then
   exit 0
 fi
 if [ "$mode" = ab ]; then
-  timeout 120 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_pdl.py tests/test_linear_triton.py \
+  timeout 100 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_pdl.py tests/test_linear_triton.py \
     tests/test_fold_linear.py tests/test_cuda_graph.py tests/test_quant_triton.py -k "not test_quant_triton or epilogue" \
     2>&1 | tee "$OUT/pytest-ab.txt" | tail -3
   D="python3 benchmarks/decode.py --no-compile --no-eager --prefill 0"
   for m in llama-1b llama2-7b; do
-    timeout 140 $D --models $m --batches 1 8 --variants fxopt fxopt-fold-noepi fxopt-fold-nogated fxopt-int8 \
+    timeout 140 $D --models $m --batches 1 8 --variants fxopt fxopt-fold-noepi fxopt-int8 \
       fxopt-int8-noepi --json "$OUT/ab-epilogue-$m.json" > "$OUT/ab-epilogue-$m.txt" 2>&1
   done
   timeout 120 python3 benchmarks/decode.py --no-compile --models llama2-7b --batches 1 --variants fxopt \
