@@ -12,13 +12,13 @@ Llama-architecture models with random bf16 weights shaped like the anchors in AN
 - ``fxopt``       ``fxopt.compile(model)``: the default pipeline, CUDA graphs on;
 - other fxopt pipelines with ``--variants``: ``fxopt-nofuse`` and ``fxopt-nofold`` (without
   ``fuse`` / ``fold_linear``), ``fxopt-fold-nogated`` (the gated activation a kernel of its own),
-  ``fxopt-fold-noepi`` (folded into the down projection's prologue instead of the gate/up
-  projection's epilogue), ``fxopt-norotary`` (the rotary not folded into the attention),
+  ``fxopt-fold-epi`` (folded into the gate/up projection's epilogue instead of the down
+  projection's prologue), ``fxopt-norotary`` (the rotary not folded into the attention),
   ``fxopt-prefetch`` (the default pipeline with ``prefetch``: the attention warms the L2 with the
   output projection's weight), ``fxopt-prefetch-linears`` (every GEMV also prefetches the start of
   the next one's weight), ``fxopt-int8`` (``quantize`` then ``fold_linear``, which folds the INT8
-  linears' norms, residuals and the gate/up epilogue), ``fxopt-int8-noepi`` (norms and residuals
-  only), ``fxopt-int8-nofold``, ``fxopt-int8-prefetch``
+  linears' norms and residuals), ``fxopt-int8-epi`` (and the gated activation as the gate/up
+  projection's epilogue), ``fxopt-int8-nofold``, ``fxopt-int8-prefetch``
   (unfolded, with ``prefetch``), ``fxopt-int8-foldq`` (the INT8 linears folded entirely) and
   ``fxopt-int8-foldq-gated`` (only their gated activation).
 
@@ -78,14 +78,14 @@ VARIANTS = {
     "fxopt-nofuse": (["canonicalize", "kv_cache", "dce", "cuda_graph"], {}),
     "fxopt-nofold": (["canonicalize", "kv_cache", "fuse", "dce", "cuda_graph"], {}),
     "fxopt-fold-nogated": (None, dict(fold_float_linear=("residual", "rms_norm"))),
-    "fxopt-fold-noepi": (None, dict(fold_float_linear=("residual", "rms_norm", "gated"))),
+    "fxopt-fold-epi": (None, dict(fold_float_linear=True)),
     "fxopt-norotary": (None, dict(fuse_skip=["rotary_into_attention"])),
     "fxopt-prefetch": (PREFETCH, {}),
     "fxopt-prefetch-linears": (PREFETCH, dict(prefetch_linears=True)),
     "fxopt-int8": (["canonicalize", "kv_cache", "fuse", "quantize", "fold_linear", "dce", "cuda_graph"], {}),
     "fxopt-int8-nofold": (["canonicalize", "kv_cache", "fuse", "quantize", "dce", "cuda_graph"], {}),
-    "fxopt-int8-noepi": (["canonicalize", "kv_cache", "fuse", "quantize", "fold_linear", "dce", "cuda_graph"],
-                         dict(fold_quant_linear=("residual", "rms_norm"))),
+    "fxopt-int8-epi": (["canonicalize", "kv_cache", "fuse", "quantize", "fold_linear", "dce", "cuda_graph"],
+                       dict(fold_quant_linear=("residual", "rms_norm", "gated_epilogue"))),
     "fxopt-int8-prefetch": (["canonicalize", "kv_cache", "fuse", "quantize", "prefetch", "dce", "cuda_graph"], {}),
     "fxopt-int8-foldq": (["canonicalize", "kv_cache", "fuse", "quantize", "fold_linear", "dce", "cuda_graph"],
                          dict(fold_quant_linear=True)),

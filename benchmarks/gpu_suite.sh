@@ -26,8 +26,8 @@ if [ "$mode" = ab ]; then
     2>&1 | tee "$OUT/pytest-ab.txt" | tail -3
   D="python3 benchmarks/decode.py --no-compile --no-eager --prefill 0"
   for m in llama-1b llama2-7b; do
-    timeout 140 $D --models $m --batches 1 8 --variants fxopt fxopt-fold-noepi fxopt-int8 \
-      fxopt-int8-noepi --json "$OUT/ab-epilogue-$m.json" > "$OUT/ab-epilogue-$m.txt" 2>&1
+    timeout 140 $D --models $m --batches 1 8 --variants fxopt fxopt-fold-epi fxopt-int8 \
+      fxopt-int8-epi --json "$OUT/ab-epilogue-$m.json" > "$OUT/ab-epilogue-$m.txt" 2>&1
   done
   timeout 120 python3 benchmarks/decode.py --no-compile --models llama2-7b --batches 1 --variants fxopt \
     --prefill-in-place on off --json "$OUT/ab-prefill.json" > "$OUT/ab-prefill.txt" 2>&1

@@ -28,27 +28,35 @@ def folds(gm, op=fx_ops.linear):
 
 RMS, RES, GATE_UP, DOWN = ("rms_norm", False, "none"), ("none", True, "none"), ("rms_norm", False, "gated_silu"), \
     ("gated_silu", True, "none")
-# per block: q/k/v behind its norm, o with the residual, gate/up behind its norm with the activation
-# as its epilogue, down with the residual; and the head behind the last norm
-BLOCK = [RMS, RES, GATE_UP, RES]
+# per block, by default: q/k/v and gate/up behind their norms, o with the residual, down with the
+# residual and the activation as its prologue; and the head behind the last norm
+BLOCK = [RMS, RES, RMS, DOWN]
 FOLDED_STATS = {"linear_residual": 2 * LAYERS, "linear_prologue_rms_norm": 2 * LAYERS + 1,
-                "linear_epilogue_gated": LAYERS}
+                "linear_prologue_gated": LAYERS}
+# every rule on: the activation is gate/up's epilogue, down a plain linear with the residual
+BLOCK_EPILOGUE = [RMS, RES, GATE_UP, RES]
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])  # Mistral's graph is Llama's; Qwen2 has q/k/v biases
-def test_a_block_becomes_four_linears(family):
+@pytest.mark.parametrize("family, epilogue", [("llama", False), ("llama", True), ("qwen2", False), ("qwen2", True)])
+def test_a_block_becomes_four_linears(family, epilogue):
+    """Mistral's graph is Llama's; Qwen2 has q/k/v biases. By default the activation becomes the
+    down projection's prologue; with every rule on (fold_float_linear=True) gate/up's epilogue."""
     model = model_of(family)
-    compiled = fxopt.compile(model, passes=FOLDED, verify=True, max_batch_size=4, max_seq_len=64)
+    option = dict(fold_float_linear=True) if epilogue else {}
+    compiled = fxopt.compile(model, passes=FOLDED, verify=True, max_batch_size=4, max_seq_len=64, **option)
     row = next(r for r in compiled.report() if r.name == "fold_linear")
-    assert row.stats == FOLDED_STATS
+    stats = dict(FOLDED_STATS)
+    if epilogue:
+        stats["linear_epilogue_gated"] = stats.pop("linear_prologue_gated")
+    assert row.stats == stats
     assert row.max_error < 1e-4
     gm = compiled.graph_module
     for op in (fx_ops.rms_norm, fx_ops.add_rms_norm, fx_ops.gated_act, aten.linear, aten.add):
         assert not ops(gm, op), f"{op} left"
-    assert folds(gm) == sorted(BLOCK * LAYERS + [RMS])
+    assert folds(gm) == sorted((BLOCK_EPILOGUE if epilogue else BLOCK) * LAYERS + [RMS])
+    labels = ("rms_norm", "residual", "rms_norm+epilogue_gated_silu" if epilogue else "gated_silu+residual")
     for node in ops(gm, fx_ops.linear):
-        assert module_path(node) and node.meta["fxopt"]["folded"] in ("rms_norm", "residual",
-                                                                      "rms_norm+epilogue_gated_silu")
+        assert module_path(node) and node.meta["fxopt"]["folded"] in labels
     ids, mask = left_padded_batch(LENGTHS)
     ours = compiled.generate(ids, attention_mask=mask, max_new_tokens=24, pad_token_id=0)
     theirs = model.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False, pad_token_id=0)
@@ -83,6 +91,11 @@ def test_unfold_gives_back_the_graph_before():
     assert folds(gm) == sorted(BLOCK * LAYERS + [RMS])
     gm.recompile()
     torch.testing.assert_close(folded(ids).logits, before, rtol=0, atol=0)
+    # the gated epilogue unfolds into the linear and its gated_act
+    assert unfold_linears(gm) == 4 * LAYERS + 1 and fold_linears(gm, float_linear=True)["linear_epilogue_gated"] == LAYERS
+    assert unfold_linears(gm) == 4 * LAYERS + 1 and len(ops(gm, fx_ops.gated_act)) == LAYERS
+    gm.recompile()
+    torch.testing.assert_close(folded(ids).logits, before, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("order, fold_quant", [("quantize_then_fold", False), ("fold_then_quantize", False),
@@ -99,7 +112,7 @@ def test_quantize_before_or_after_fold(order, fold_quant):
     quant = ops(gm, fx_ops.quant_linear)
     assert len(quant) == 4 * LAYERS
     if fold_quant:
-        assert folds(gm, fx_ops.quant_linear) == sorted(BLOCK * LAYERS)
+        assert folds(gm, fx_ops.quant_linear) == sorted(BLOCK_EPILOGUE * LAYERS)
         (head,) = ops(gm, fx_ops.linear)  # the head stays float (quant_lm_head=False) and takes the last norm
         assert head.args[4] == "rms_norm" and head.args[3] is None
         for op in (fx_ops.rms_norm, fx_ops.add_rms_norm, fx_ops.gated_act, aten.linear, aten.add):
@@ -126,8 +139,9 @@ NONE = ("none", False, "none")
     (("gated_epilogue",), [NONE] * 3 + [("none", False, "gated_silu")]),
     (("residual", "rms_norm"), [RMS] * 2 + [RES] * 2),
     (("residual", "gated"), [RES] + [NONE] * 2 + [("gated_silu", True, "none")]),
-    (None, BLOCK),  # the default: residuals, norms, the gate/up epilogue
-    (True, BLOCK),  # everything: the epilogue takes the activation before the down prologue could
+    (("residual", "rms_norm", "gated_epilogue"), BLOCK_EPILOGUE),
+    (None, [RMS] * 2 + [RES] * 2),  # the default: residuals and norms
+    (True, BLOCK_EPILOGUE),  # everything: the epilogue takes the activation before the down prologue could
 ])
 def test_fold_quant_linear_by_kind(kinds, want):
     """fold_quant_linear names the kinds INT8 linears take: per block, only those fold (the sorted
@@ -149,7 +163,8 @@ def test_fold_quant_linear_by_kind(kinds, want):
 
 @pytest.mark.parametrize("kinds, want", [
     (("residual", "rms_norm"), [RMS, RES, RMS, RES]),  # the activation a kernel of its own
-    (("residual", "rms_norm", "gated"), [RMS, RES, RMS, DOWN]),  # in the down projection's prologue
+    (("residual", "rms_norm", "gated"), BLOCK),  # in the down projection's prologue (the default)
+    (("residual", "rms_norm", "gated_epilogue"), BLOCK_EPILOGUE),  # in the gate/up projection's epilogue
 ])
 def test_fold_float_linear_by_kind(kinds, want):
     """fold_float_linear names the kinds float linears take (the sorted (prologue, has residual,
@@ -158,7 +173,7 @@ def test_fold_float_linear_by_kind(kinds, want):
     compiled = fxopt.compile(model, passes=["canonicalize", "kv_cache", "fuse", "fold_linear", "dce"],
                              max_seq_len=64, fold_float_linear=kinds)
     gm = compiled.graph_module
-    assert len(ops(gm, fx_ops.gated_act)) == (0 if "gated" in kinds else LAYERS)
+    assert len(ops(gm, fx_ops.gated_act)) == (0 if {"gated", "gated_epilogue"} & set(kinds) else LAYERS)
     assert folds(gm) == sorted(want * LAYERS + [RMS])
     ids = torch.randint(0, VOCAB, (2, 7))
     err = (compiled(ids).logits - model(ids).logits).norm() / model(ids).logits.norm()
@@ -181,6 +196,10 @@ def test_no_residual_is_folded_before_an_all_reduce():
     assert len(reduces) == 2 * LAYERS + 1  # o and down of each block, and the vocab-parallel embedding
     for r in reduces[1:]:
         assert is_op(r.args[0], aten.linear, fx_ops.linear) and (is_op(r.args[0], aten.linear) or r.args[0].args[3] is None)
-    # gate/up still takes its activation (column-parallel: each rank's [gate | up] shard); the first
-    # block's q/k/v its norm (no add before it); the others read an add_rms_norm after an all-reduce
-    assert folds(gm) == sorted([("none", False, "gated_silu")] * LAYERS + [RMS])
+    # down still takes its activation; the first block's q/k/v its norm (no add before it); the
+    # others read an add_rms_norm after an all-reduce
+    assert folds(gm) == sorted([("gated_silu", False, "none")] * LAYERS + [RMS])
+    # with the epilogue, gate/up takes it: column-parallel, each rank's [gate | up] shard
+    compiled = fxopt.compile(tiny("llama"), ["canonicalize", "shard", "kv_cache", "fuse", "fold_linear", "dce"],
+                             tp=2, rank=0, fold_float_linear=True)
+    assert folds(compiled.graph_module) == sorted([("none", False, "gated_silu")] * LAYERS + [RMS])

@@ -15,6 +15,12 @@ In a Llama block the four linears become::
 
     qkv  = linear(h,     w_qkv,  prologue="rms_norm", norm_weight=g_attn)
     h    = linear(attn,  w_o,    residual=h)
+    gu   = linear(h,     w_gu,   prologue="rms_norm", norm_weight=g_mlp)
+    h    = linear(gu,    w_down, residual=h, prologue="gated_silu")
+
+or, with the activation as the gate/up projection's epilogue (computed once a feature instead of
+once a program of the down projection)::
+
     a    = linear(h,     w_gu,   prologue="rms_norm", norm_weight=g_mlp, epilogue="gated_silu")
     h    = linear(a,     w_down, residual=h)
 

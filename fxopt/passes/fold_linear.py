@@ -11,10 +11,15 @@ Runs after ``fuse`` (and after ``quantize``, when there is one). After ``fuse``,
     a      = gated_act(gu, "silu")
     down   = linear(a, w_down)
 
-and afterwards::
+and afterwards (by default)::
 
     qkv = fxopt.linear(h1, w_qkv, prologue="rms_norm", norm_weight=g1)
     h2  = fxopt.linear(attn, w_o, residual=h1)
+    gu  = fxopt.linear(h2, w_gu, prologue="rms_norm", norm_weight=g2)
+    h3  = fxopt.linear(gu, w_down, residual=h2, prologue="gated_silu")
+
+or, with the gated epilogue (rule 3, ``fold_float_linear=True``), the last two::
+
     a   = fxopt.linear(h2, w_gu, prologue="rms_norm", norm_weight=g2, epilogue="gated_silu")
     h3  = fxopt.linear(a, w_down, residual=h2)
 
@@ -39,13 +44,14 @@ in order, each read off the dataflow:
 A linear after an all-reduce (tensor parallelism) is not followed by its add directly, so the
 residual is never added before the reduction.
 
-Which rules fire is an option per kind of linear: ``fold_float_linear`` (default True: all) and
-``fold_quant_linear``, each True for every rule, False for none, or some of the kinds
+Which rules fire is an option per kind of linear: ``fold_float_linear`` and ``fold_quant_linear``
+(defaults ``FLOAT_DEFAULT`` and ``QUANT_DEFAULT``), each True for every rule, False for none, or
+some of the kinds
 ``("residual", "rms_norm", "gated_epilogue", "gated")`` (rules 1, 2, 3, 4) for those alone. The
 INT8 decode kernel takes the same prologue and epilogue as the float one, but every program
 computes its prologue over all of K, which costs more than the gated activation's own kernel: for
 ``quant_linear`` nodes the default (``QUANT_DEFAULT``, its measurements beside it) leaves the
-gated prologue out. Around an unfolded ``quant_linear``, rule 5 keeps the residual add and the
+gated prologue out. Rule 3 is opt-in for both (not yet measured on a GPU). Around an unfolded ``quant_linear``, rule 5 keeps the residual add and the
 norm after it one kernel. ``unfold_linears`` is the inverse of rules 1-4 for ``fxopt.linear``, for a pass that
 meets them and knows only plain linears (``quantize`` on an already folded graph unfolds, quantizes
 and folds again).
@@ -80,12 +86,16 @@ DEFAULTS = dict(bias=None, residual=None, prologue="none", norm_weight=None, eps
 # prologue (rule 2), the gated activation as the gate/up projection's epilogue (rule 3) and as the
 # down projection's prologue (rule 4).
 KINDS = ("residual", "rms_norm", "gated_epilogue", "gated")
-# The default for INT8 linears: everything but the gated prologue. On an H100 (2026-12-07, batch 1)
-# against nothing folded, before rule 3 existed: residuals and norms llama-1b 0.941 -> 0.877 ms a
-# token, llama2-7b 3.222 -> 3.153; with the gated prologue too 0.918 / 3.279, the prologue alone
+# The defaults: what was measured to help. Float linears take the residuals, the norms and the gated
+# activation as the down projection's prologue; INT8 linears the residuals and norms. On an H100
+# (2026-12-07, batch 1) against nothing folded, INT8: residuals and norms llama-1b 0.941 -> 0.877 ms
+# a token, llama2-7b 3.222 -> 3.153; with the gated prologue too 0.918 / 3.279, the prologue alone
 # 0.983 / 3.341 (the down projection's K = 11008 makes recomputing the activation in every program
-# cost more than its kernel). The epilogue (rule 3) computes it once, in the gate/up GEMV.
-QUANT_DEFAULT = ("residual", "rms_norm", "gated_epilogue")
+# cost more than its kernel). The gated epilogue (rule 3) computes the activation once, in the
+# gate/up GEMV, but has not run on a GPU yet: opt-in ("gated_epilogue", or True) until measured
+# (benchmarks/decode.py --variants fxopt fxopt-fold-epi fxopt-int8 fxopt-int8-epi).
+FLOAT_DEFAULT = ("residual", "rms_norm", "gated")
+QUANT_DEFAULT = ("residual", "rms_norm")
 
 
 def linear_fields(node: fx.Node) -> dict | None:
@@ -275,7 +285,7 @@ def fold_kinds(option, name: str) -> frozenset:
     return kinds
 
 
-def fold_linears(gm: fx.GraphModule, quant=False, float_linear=True) -> Counter:
+def fold_linears(gm: fx.GraphModule, quant=False, float_linear=FLOAT_DEFAULT) -> Counter:
     """Apply rules 1-5 everywhere: to float linears the kinds ``float_linear`` names, to
     ``quant_linear`` nodes those ``quant`` names (each True, False or some of KINDS, as
     ``fold_kinds`` reads them); counts by rule."""
@@ -344,5 +354,5 @@ class FoldLinear(Pass):
 
     def run(self, gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
         counts = fold_linears(gm, quant=ctx.option("fold_quant_linear", QUANT_DEFAULT),
-                              float_linear=ctx.option("fold_float_linear", True))
+                              float_linear=ctx.option("fold_float_linear", FLOAT_DEFAULT))
         return PassResult(changed=bool(counts), stats=dict(counts))
