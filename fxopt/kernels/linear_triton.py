@@ -23,9 +23,10 @@ Decode (M = 1): one kernel, prologue -> GEMV -> epilogue.
       (which a ``gated`` prologue makes every one of its programs do over all of K).
 
 More rows (batched decode, prompts): the prologue op (``fxopt.rms_norm`` / ``fxopt.gated_act``,
-    Triton kernels of their own), then cuBLAS (then the gated epilogue's ``fxopt.gated_act``): ``addmm`` with the residual as its input (one kernel
-    for GEMM and add) when there is no bias. (At M = 8 a tensor-core variant of the fused kernel, x
-    padded to 16 rows, ran 1.0-1.9x slower than cuBLAS on an H200, llama2-7b shapes, 2026-11-27.)
+    Triton kernels of their own), then cuBLAS: ``addmm`` with the residual as its input (one kernel
+    for GEMM and add) when there is no bias; then a gated epilogue's ``fxopt.gated_act``. (At M = 8
+    a tensor-core variant of the fused kernel, x padded to 16 rows, ran 1.0-1.9x slower than cuBLAS
+    on an H200, llama2-7b shapes, 2026-11-27.)
 
 Numerics: fp32 accumulation. The decode kernel rounds the prologue's output to the weight dtype
 before the product (as the unfused ops store it), except that ``rms_norm`` applies ``rstd`` to the

@@ -46,15 +46,15 @@ residual is never added before the reduction.
 
 Which rules fire is an option per kind of linear: ``fold_float_linear`` and ``fold_quant_linear``
 (defaults ``FLOAT_DEFAULT`` and ``QUANT_DEFAULT``), each True for every rule, False for none, or
-some of the kinds
-``("residual", "rms_norm", "gated_epilogue", "gated")`` (rules 1, 2, 3, 4) for those alone. The
-INT8 decode kernel takes the same prologue and epilogue as the float one, but every program
-computes its prologue over all of K, which costs more than the gated activation's own kernel: for
-``quant_linear`` nodes the default (``QUANT_DEFAULT``, its measurements beside it) leaves the
-gated prologue out. Rule 3 is opt-in for both (not yet measured on a GPU). Around an unfolded ``quant_linear``, rule 5 keeps the residual add and the
-norm after it one kernel. ``unfold_linears`` is the inverse of rules 1-4 for ``fxopt.linear``, for a pass that
-meets them and knows only plain linears (``quantize`` on an already folded graph unfolds, quantizes
-and folds again).
+some of the kinds ``("residual", "rms_norm", "gated_epilogue", "gated")`` (rules 1, 2, 3, 4) for
+those alone. The INT8 decode kernel takes the same prologue and epilogue as the float one, but
+every program computes its prologue over all of K, which costs more than the gated activation's
+own kernel: for ``quant_linear`` nodes the default (``QUANT_DEFAULT``, its measurements beside it)
+leaves the gated prologue out. Rule 3 is opt-in for both (not yet timed on a GPU). Around an
+unfolded ``quant_linear``, rule 5 keeps the residual add and the norm after it one kernel.
+``unfold_linears`` is the inverse of rules 1-4 for ``fxopt.linear``, for a pass that meets them and
+knows only plain linears (``quantize`` on an already folded graph unfolds, quantizes and folds
+again).
 
 Stats: per rule, how many times it fired.
 """
