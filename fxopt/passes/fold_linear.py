@@ -68,6 +68,7 @@ import torch.fx as fx
 
 from .. import kernels  # noqa: F401 - registers torch.ops.fxopt.*
 from ..ir import is_op
+from ..kernels.linear import gated_kind
 from ..patterns import infer_meta
 from .base import CompileContext, Pass, PassResult, register_pass
 
@@ -310,6 +311,13 @@ def fold_linears(gm: fx.GraphModule, quant=False, float_linear=FLOAT_DEFAULT) ->
     return counts
 
 
+def fold_by_options(gm: fx.GraphModule, ctx: CompileContext) -> Counter:
+    """``fold_linears`` with the kinds the compile options name: ``fold_float_linear`` (default
+    FLOAT_DEFAULT) and ``fold_quant_linear`` (QUANT_DEFAULT)."""
+    return fold_linears(gm, quant=ctx.option("fold_quant_linear", QUANT_DEFAULT),
+                        float_linear=ctx.option("fold_float_linear", FLOAT_DEFAULT))
+
+
 def unfold_linears(gm: fx.GraphModule) -> int:
     """Rewrite every ``fxopt.linear`` as its parts: the prologue op, ``aten.linear``, the epilogue op,
     ``aten.add`` (so that a pass that knows plain linears, like ``quantize``, sees them). Returns how
@@ -328,13 +336,13 @@ def unfold_linears(gm: fx.GraphModule) -> int:
                 x = graph.call_function(RMS_NORM, (x, f["norm_weight"], f["eps"]))
                 new.append(x)
             elif f["prologue"] != "none":
-                x = graph.call_function(GATED_ACT, (x, f["prologue"][len("gated_"):]))
+                x = graph.call_function(GATED_ACT, (x, gated_kind(f["prologue"])))
                 new.append(x)
             args = (x, f["weight"]) if f["bias"] is None else (x, f["weight"], f["bias"])
             y = graph.call_function(aten.linear.default, args)
             new.append(y)
             if f["epilogue"] != "none":
-                y = graph.call_function(GATED_ACT, (y, f["epilogue"][len("gated_"):]))
+                y = graph.call_function(GATED_ACT, (y, gated_kind(f["epilogue"])))
                 new.append(y)
             if f["residual"] is not None:
                 y = graph.call_function(aten.add.Tensor, (y, f["residual"]))
@@ -353,6 +361,5 @@ class FoldLinear(Pass):
     name = "fold_linear"
 
     def run(self, gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
-        counts = fold_linears(gm, quant=ctx.option("fold_quant_linear", QUANT_DEFAULT),
-                              float_linear=ctx.option("fold_float_linear", FLOAT_DEFAULT))
+        counts = fold_by_options(gm, ctx)
         return PassResult(changed=bool(counts), stats=dict(counts))

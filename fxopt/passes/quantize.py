@@ -88,7 +88,7 @@ from ..verify import rel_error
 from ..verify import tolerance as verify_tolerance
 from .base import CompileContext, Pass, PassResult, register_pass
 from .canonicalize import getattr_path
-from .fold_linear import FLOAT_DEFAULT, QUANT_DEFAULT, fold_linears, unfold_linears
+from .fold_linear import fold_by_options, unfold_linears
 from .prefetch import retarget
 
 aten = torch.ops.aten
@@ -414,8 +414,7 @@ class Quantize(Pass):
             table.append(row)
 
         if unfolded:
-            fold_linears(gm, quant=ctx.option("fold_quant_linear", QUANT_DEFAULT),
-                         float_linear=ctx.option("fold_float_linear", FLOAT_DEFAULT))
+            fold_by_options(gm, ctx)
         stats = self._stats(table, kept, opts, placeholders)
         if ctx.info is not None:
             ctx.info.state["quantize"] = {
