@@ -26,13 +26,13 @@ if [ "$mode" = ab ] || [ "$mode" = epilogue ]; then
     tests/test_fold_linear.py tests/test_cuda_graph.py tests/test_quant_triton.py -k "not test_quant_triton or epilogue" \
     2>&1 | tee "$OUT/pytest-ab.txt" | tail -3
   D="python3 benchmarks/decode.py --no-compile --no-eager --prefill 0"
-  for m in llama-1b llama2-7b; do
+  for m in llama2-7b llama-1b; do
     timeout 140 $D --models $m --batches 1 8 --variants fxopt fxopt-fold-epi fxopt-int8 \
       fxopt-int8-epi --json "$OUT/ab-epilogue-$m.json" > "$OUT/ab-epilogue-$m.txt" 2>&1
   done
   [ "$mode" = ab ] && timeout 120 python3 benchmarks/decode.py --no-compile --models llama2-7b --batches 1 \
     --variants fxopt --prefill-in-place on off --json "$OUT/ab-prefill.json" > "$OUT/ab-prefill.txt" 2>&1
-  for f in ab-epilogue-llama-1b ab-epilogue-llama2-7b ab-prefill; do
+  for f in ab-epilogue-llama2-7b ab-epilogue-llama-1b ab-prefill; do
     [ -f "$OUT/$f.json" ] && python3 benchmarks/decode.py --table "$OUT/$f.json"
   done
   exit 0
