@@ -17,8 +17,8 @@ Llama-architecture models with random bf16 weights shaped like the anchors in AN
   ``fxopt-prefetch`` (the default pipeline with ``prefetch``: the attention warms the L2 with the
   output projection's weight), ``fxopt-prefetch-linears`` (every GEMV also prefetches the start of
   the next one's weight), ``fxopt-int8`` (``quantize`` then ``fold_linear``, which folds the INT8
-  linears' norms and residuals), ``fxopt-int8-epi`` (and the gated activation as the gate/up
-  projection's epilogue), ``fxopt-int8-nofold``, ``fxopt-int8-prefetch``
+  linears' norms and residuals and the gated activation as the gate/up projection's epilogue),
+  ``fxopt-int8-act`` (the activation a kernel of its own), ``fxopt-int8-nofold``, ``fxopt-int8-prefetch``
   (unfolded, with ``prefetch``), ``fxopt-int8-foldq`` (the INT8 linears folded entirely) and
   ``fxopt-int8-foldq-gated`` (only their gated activation).
 
@@ -84,8 +84,8 @@ VARIANTS = {
     "fxopt-prefetch-linears": (PREFETCH, dict(prefetch_linears=True)),
     "fxopt-int8": (["canonicalize", "kv_cache", "fuse", "quantize", "fold_linear", "dce", "cuda_graph"], {}),
     "fxopt-int8-nofold": (["canonicalize", "kv_cache", "fuse", "quantize", "dce", "cuda_graph"], {}),
-    "fxopt-int8-epi": (["canonicalize", "kv_cache", "fuse", "quantize", "fold_linear", "dce", "cuda_graph"],
-                       dict(fold_quant_linear=("residual", "rms_norm", "gated_epilogue"))),
+    "fxopt-int8-act": (["canonicalize", "kv_cache", "fuse", "quantize", "fold_linear", "dce", "cuda_graph"],
+                       dict(fold_quant_linear=("residual", "rms_norm"))),
     "fxopt-int8-prefetch": (["canonicalize", "kv_cache", "fuse", "quantize", "prefetch", "dce", "cuda_graph"], {}),
     "fxopt-int8-foldq": (["canonicalize", "kv_cache", "fuse", "quantize", "fold_linear", "dce", "cuda_graph"],
                          dict(fold_quant_linear=True)),

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Everything fxopt checks and measures on a GPU machine, in one go (logs under $OUT or ./gpu-out).
-#   bash benchmarks/gpu_suite.sh [quick|full|ab|epilogue|anchors]
-# ab: only the A/Bs docs/performance.md lists as not yet measured, most wanted first, each under a
-# time limit (about eight minutes in all), then their tables. epilogue: ab without the prefill
-# A/B (about six and a half minutes), for a call with less device time left.
+#   bash benchmarks/gpu_suite.sh [quick|full|ab|anchors]
+# ab: the GPU tests of the newest kernels, then the A/B docs/performance.md lists as not yet
+# measured (PDL on and off with today's defaults), each under a time limit (about eight minutes
+# in all), then their tables.
 # anchors: the issues' anchor table (fxopt bf16 and INT8 against transformers eager and
 # torch.compile, batch 1 and 8, prefill 2048), one process per model, under nine minutes.
 set -uo pipefail
@@ -21,18 +21,15 @@ if [ "$mode" = anchors ]; then
   done
   exit 0
 fi
-if [ "$mode" = ab ] || [ "$mode" = epilogue ]; then
-  timeout 100 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_pdl.py tests/test_linear_triton.py \
-    tests/test_fold_linear.py tests/test_cuda_graph.py tests/test_quant_triton.py -k "not test_quant_triton or epilogue" \
+if [ "$mode" = ab ]; then
+  timeout 160 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_quant_triton.py tests/test_cuda_graph.py \
+    tests/test_pdl.py tests/test_linear_triton.py -k "not test_quant_triton or epilogue" \
     2>&1 | tee "$OUT/pytest-ab.txt" | tail -3
-  D="python3 benchmarks/decode.py --no-compile --no-eager --prefill 0"
   for m in llama2-7b llama-1b; do
-    timeout 140 $D --models $m --batches 1 8 --variants fxopt fxopt-fold-epi fxopt-int8 \
-      fxopt-int8-epi --json "$OUT/ab-epilogue-$m.json" > "$OUT/ab-epilogue-$m.txt" 2>&1
+    timeout 150 python3 benchmarks/decode.py --no-compile --no-eager --prefill 0 --models $m --batches 1 8 \
+      --variants fxopt fxopt-int8 --pdl on off --json "$OUT/ab-pdl-$m.json" > "$OUT/ab-pdl-$m.txt" 2>&1
   done
-  [ "$mode" = ab ] && timeout 120 python3 benchmarks/decode.py --no-compile --models llama2-7b --batches 1 \
-    --variants fxopt --prefill-in-place on off --json "$OUT/ab-prefill.json" > "$OUT/ab-prefill.txt" 2>&1
-  for f in ab-epilogue-llama2-7b ab-epilogue-llama-1b ab-prefill; do
+  for f in ab-pdl-llama2-7b ab-pdl-llama-1b; do
     [ -f "$OUT/$f.json" ] && python3 benchmarks/decode.py --table "$OUT/$f.json"
   done
   exit 0

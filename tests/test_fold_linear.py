@@ -102,8 +102,8 @@ def test_unfold_gives_back_the_graph_before():
                                                ("fold_then_quantize", True)])
 def test_quantize_before_or_after_fold(order, fold_quant):
     """Whichever pass comes first (after fold_linear, quantize unfolds, quantizes and folds again).
-    By default the INT8 linears stay unfolded, each residual add with its norm one add_rms_norm;
-    with fold_quant_linear=True they fold like float ones."""
+    With fold_quant_linear=False the INT8 linears stay unfolded, each residual add with its norm
+    one add_rms_norm; with fold_quant_linear=True they fold like float ones."""
     model = tiny("llama")
     tail = ["quantize", "fold_linear"] if order == "quantize_then_fold" else ["fold_linear", "quantize"]
     compiled = fxopt.compile(model, passes=["canonicalize", "kv_cache", "fuse", *tail, "dce"], verify=True,
@@ -140,7 +140,7 @@ NONE = ("none", False, "none")
     (("residual", "rms_norm"), [RMS] * 2 + [RES] * 2),
     (("residual", "gated"), [RES] + [NONE] * 2 + [("gated_silu", True, "none")]),
     (("residual", "rms_norm", "gated_epilogue"), BLOCK_EPILOGUE),
-    (None, [RMS] * 2 + [RES] * 2),  # the default: residuals and norms
+    (None, BLOCK_EPILOGUE),  # the default: residuals, norms, the activation as gate/up's epilogue
     (True, BLOCK_EPILOGUE),  # everything: the epilogue takes the activation before the down prologue could
 ])
 def test_fold_quant_linear_by_kind(kinds, want):

@@ -50,7 +50,8 @@ some of the kinds ``("residual", "rms_norm", "gated_epilogue", "gated")`` (rules
 those alone. The INT8 decode kernel takes the same prologue and epilogue as the float one, but
 every program computes its prologue over all of K, which costs more than the gated activation's
 own kernel: for ``quant_linear`` nodes the default (``QUANT_DEFAULT``, its measurements beside it)
-leaves the gated prologue out. Rule 3 is opt-in for both (not yet timed on a GPU). Around an
+leaves the gated prologue out and takes the gated epilogue (rule 3) instead; float linears keep
+the gated prologue by default (the epilogue measured the same there). Around an
 unfolded ``quant_linear``, rule 5 keeps the residual add and the norm after it one kernel.
 ``unfold_linears`` is the inverse of rules 1-4 for ``fxopt.linear``, for a pass that meets them and
 knows only plain linears (``quantize`` on an already folded graph unfolds, quantizes and folds
@@ -88,15 +89,17 @@ DEFAULTS = dict(bias=None, residual=None, prologue="none", norm_weight=None, eps
 # down projection's prologue (rule 4).
 KINDS = ("residual", "rms_norm", "gated_epilogue", "gated")
 # The defaults: what was measured to help. Float linears take the residuals, the norms and the gated
-# activation as the down projection's prologue; INT8 linears the residuals and norms. On an H100
-# (2026-12-07, batch 1) against nothing folded, INT8: residuals and norms llama-1b 0.941 -> 0.877 ms
-# a token, llama2-7b 3.222 -> 3.153; with the gated prologue too 0.918 / 3.279, the prologue alone
-# 0.983 / 3.341 (the down projection's K = 11008 makes recomputing the activation in every program
-# cost more than its kernel). The gated epilogue (rule 3) computes the activation once, in the
-# gate/up GEMV, but has not run on a GPU yet: opt-in ("gated_epilogue", or True) until measured
-# (benchmarks/decode.py --variants fxopt fxopt-fold-epi fxopt-int8 fxopt-int8-epi).
+# activation as the down projection's prologue; INT8 linears the residuals, the norms and the gated
+# activation as the gate/up projection's epilogue. On an H100 (2026-12-07, batch 1) against nothing
+# folded, INT8: residuals and norms llama-1b 0.941 -> 0.877 ms a token, llama2-7b 3.222 -> 3.153;
+# with the gated prologue too 0.918 / 3.279, the prologue alone 0.983 / 3.341 (the down
+# projection's K = 11008 makes recomputing the activation in every program cost more than its
+# kernel). The gated epilogue computes the activation once, in the gate/up GEMV, and takes its
+# kernel away: INT8 llama-1b 0.866 -> 0.852 (batch 1), 0.982 -> 0.952 (batch 8); llama2-7b
+# 3.112 -> 3.098, 3.679 -> 3.623. For float linears it changed nothing beyond the noise (within
+# 0.4 % at all four points), so the measured prologue stays (docs/performance.md).
 FLOAT_DEFAULT = ("residual", "rms_norm", "gated")
-QUANT_DEFAULT = ("residual", "rms_norm")
+QUANT_DEFAULT = ("residual", "rms_norm", "gated_epilogue")
 
 
 def linear_fields(node: fx.Node) -> dict | None:
