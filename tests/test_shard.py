@@ -213,6 +213,15 @@ def reference_family(family: str, payload: dict) -> dict:
     return ref
 
 
+def assert_matches_checkpoint(payload: dict, path) -> None:
+    """The TP=1 model of the checkpoint at ``path`` (loaded by transformers) on the worker's inputs
+    gives the worker's logits and tokens."""
+    model = T.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    single = fxopt.compile(model, REFERENCE, **tp_worker.OPTS)
+    with one_thread():
+        assert_matches_reference(payload, tp_worker.run_model(single, payload["calls"], payload["prompt"]))
+
+
 def assert_matches_reference(payload: dict, ref: dict, tol: float = TIGHT) -> None:
     errors = [rel_error(got, want) for got, want in zip(payload["logits"], ref["logits"])]
     assert len(errors) == len(ref["logits"]) and max(errors) < tol, errors
@@ -246,12 +255,12 @@ def ckpt(tmp_path_factory):
     root = tmp_path_factory.mktemp("ckpt")
     dirs = {name: root / name for name in ("llama", "llama-sharded", "gpt2", "memory", "nine-heads")}
     tiny("llama").save_pretrained(dirs["llama"], safe_serialization=True)
-    torch.manual_seed(0)
-    T.LlamaForCausalLM(nine_heads_config()).save_pretrained(dirs["nine-heads"], safe_serialization=True)
     tiny("llama").save_pretrained(dirs["llama-sharded"], safe_serialization=True, max_shard_size="20KB")
     tiny("gpt2").save_pretrained(dirs["gpt2"], safe_serialization=True)
     torch.manual_seed(0)
     T.LlamaForCausalLM(memory_config()).save_pretrained(dirs["memory"], safe_serialization=True)
+    torch.manual_seed(0)
+    T.LlamaForCausalLM(nine_heads_config()).save_pretrained(dirs["nine-heads"], safe_serialization=True)
     return dirs
 
 
@@ -684,11 +693,7 @@ def test_tp3_splits_nine_heads_and_three_kv_heads(tp3, ckpt):
     assert all(r["stats"]["replicated"] == 0 and r["stats"]["row"] == 2 * 2 for r in ranks)
     assert all(r["stats"]["column"] == 2 * 5 + 1 for r in ranks)  # q, k, v, gate, up a layer; the LM head
     assert all(r["bytes_read"] < 0.5 * r["checkpoint_bytes"] for r in ranks)
-    model = T.AutoModelForCausalLM.from_pretrained(ckpt["nine-heads"], dtype=torch.float32).eval()
-    payload = ranks[0]["payload"]
-    single = fxopt.compile(model, REFERENCE, **tp_worker.OPTS)
-    with one_thread():
-        assert_matches_reference(payload, tp_worker.run_model(single, payload["calls"], payload["prompt"]))
+    assert_matches_checkpoint(ranks[0]["payload"], ckpt["nine-heads"])
 
 
 def test_tp2_every_rank_loads_its_slices_from_the_checkpoint(tp2, ckpt):
@@ -699,11 +704,7 @@ def test_tp2_every_rank_loads_its_slices_from_the_checkpoint(tp2, ckpt):
     total = ranks[0]["checkpoint_bytes"]
     assert all(r["bytes_read"] < 0.65 * total and r["bytes_read"] <= r["local_bytes"] for r in ranks)
     assert sum(r["bytes_read"] for r in ranks) <= total + 2 * 5 * 48 * 4  # + the norms both read
-    model = T.AutoModelForCausalLM.from_pretrained(ckpt["llama-sharded"], dtype=torch.float32).eval()
-    payload = ranks[0]["payload"]
-    single = fxopt.compile(model, REFERENCE, **tp_worker.OPTS)
-    with one_thread():
-        assert_matches_reference(payload, tp_worker.run_model(single, payload["calls"], payload["prompt"]))
+    assert_matches_checkpoint(ranks[0]["payload"], ckpt["llama-sharded"])
 
 
 def test_peak_host_memory_per_rank_while_loading(tp2, ckpt):
@@ -756,8 +757,6 @@ def _check_smollm2(ranks, smollm2):
     tokenizer = smollm2[1]
     assert "Paris" in tokenizer.decode(payload["tokens"][0, payload["ids"].shape[1]:])  # the real model, working
     assert all(r["bytes_read"] < 0.7 * r["checkpoint_bytes"] for r in ranks)
-
-
 
 
 @pytest.mark.slow
