@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Everything fxopt checks and measures on a GPU machine, in one go (logs under $OUT or ./gpu-out).
-#   bash benchmarks/gpu_suite.sh [quick|full|ab|anchors]
+#   bash benchmarks/gpu_suite.sh [quick|full|ab|anchors|profile]
 # ab: the GPU tests of the newest kernels, then the A/B docs/performance.md lists as not yet
 # measured (PDL on and off with today's defaults), each under a time limit (about eight minutes
 # in all), then their tables.
 # anchors: the issues' anchor table (fxopt bf16 and INT8 against transformers eager and
 # torch.compile, batch 1 and 8, prefill 2048), one process per model, under nine minutes.
+# profile: where a decode step goes, kernel by kernel (benchmarks/profile_step.py), bf16 and INT8,
+# batch 1 and 8, both models (about three minutes).
 set -uo pipefail
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"; mode=${1:-quick}
 export PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSITY=error PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -19,6 +21,11 @@ if [ "$mode" = anchors ]; then
   for m in llama2-7b llama-1b; do
     [ -f "$OUT/anchors-$m.json" ] && python3 benchmarks/decode.py --table "$OUT/anchors-$m.json"
   done
+  exit 0
+fi
+if [ "$mode" = profile ]; then
+  timeout 280 python3 benchmarks/profile_step.py --models llama2-7b llama-1b --variants fxopt fxopt-int8 \
+    --batches 1 8 2>&1 | tee "$OUT/profile.txt" | grep -v "^\[" | tail -150
   exit 0
 fi
 if [ "$mode" = ab ]; then

@@ -95,3 +95,58 @@ def test_table_reprints_a_saved_run(tmp_path):
     assert any(line.split() == ["llama-1b", "2048", "13.4", "8.22", "5.06"] for line in lines)  # a run of old
     assert any(line.split() == ["llama-1b", "2048", "13.4", "8.41", "5.06", "residuals", "in", "place:", "off"]
                for line in lines)
+
+
+def _chrome_trace(path, names_grids, seed=0):
+    """A Chrome trace of GPU kernels run back to back, random durations, 0.5 µs apart."""
+    import random
+    rng = random.Random(seed)
+    events, t = [{"cat": "cpu_op", "name": "aten::mm", "ts": 0.0, "dur": 1.0}], 0.0
+    for name, grid in names_grids:
+        dur = rng.uniform(1.0, 9.0)
+        events.append({"cat": "kernel", "name": name, "ts": t, "dur": dur, "args": {"grid": list(grid)}})
+        t += dur + 0.5
+    rng.shuffle(events)  # the profiler does not promise start order
+    path.write_text(json.dumps({"traceEvents": events}))
+    return sorted((e for e in events if e["cat"] == "kernel"), key=lambda e: e["ts"])
+
+
+def test_profile_step_finds_the_steps_and_the_layer(tmp_path):
+    """benchmarks/profile_step.py's parsing: the decode steps at the end of a trace (after a
+    prefill, before a few trailing kernels) and the decoder layer repeated inside them."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import profile_step
+    n_layers = 5
+    layer = [("gemv", (512, 1, 1)), ("attention", (8, 32, 1)), ("merge", (32, 1, 1)), ("gemv", (512, 1, 1)),
+             ("gemv", (1376, 1, 1)), ("gemv", (512, 1, 1))]
+    step = [("embed", (1, 1, 1))] + layer * n_layers + [("norm", (1, 1, 1)), ("head", (4000, 1, 1)),
+                                                        ("argmax", (1, 1, 1))]
+    kernels = _chrome_trace(tmp_path / "trace.json", [("prefill", (9, 1, 1))] * 7 + step * 6 + [("cat", (1, 1, 1))] * 2)
+
+    events = profile_step.kernel_events(str(tmp_path / "trace.json"))
+    assert [e["ts"] for e in events] == [k["ts"] for k in kernels]
+    steps = profile_step.decode_steps(events, n_layers)
+    assert len(steps) == 5  # six steps, the first dropped
+    assert all([(k["name"], k["grid"]) for k in s] == step for s in steps)
+    last = kernels[7 + 5 * len(step):7 + 6 * len(step)]
+    assert [k["dur"] for k in steps[-1]] == [k["dur"] for k in last]
+    assert all(k["gap"] == pytest.approx(0.5) for s in steps for k in s)
+
+    mean = profile_step.mean_step(steps)
+    per_layer, rest = profile_step.layer_table(mean, n_layers)
+    assert [(k["name"], k["grid"]) for k in per_layer] == layer
+    assert [k["name"] for k in rest] == ["embed", "norm", "head", "argmax"]
+    # The layer's o-projection (its 4th kernel): the mean over every layer of every step.
+    o_proj = [k["dur"] for s in steps for i in range(n_layers) for k in [s[1 + 6 * i + 3]]]
+    assert per_layer[3]["dur"] == pytest.approx(sum(o_proj) / len(o_proj))
+    text = profile_step.report("m", "fxopt", 1, steps, layer_floor_us=50.0, step_floor_us=300.0, n_layers=n_layers)
+    span = sum(k["dur"] + k["gap"] for k in mean)
+    assert f"step: span {span:.1f} us" in text and "6 a layer x 5, 4 outside" in text
+
+
+def test_profile_step_says_when_no_step_repeats(tmp_path):
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import profile_step
+    _chrome_trace(tmp_path / "trace.json", [(f"k{i}", (1, 1, 1)) for i in range(60)])
+    with pytest.raises(RuntimeError, match="no repeating decode step"):
+        profile_step.decode_steps(profile_step.kernel_events(str(tmp_path / "trace.json")), 4)
