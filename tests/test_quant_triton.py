@@ -611,14 +611,22 @@ def test_gated_epilogue_refusals():
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("m", [1, 8, 16, 300])
 def test_gpu_gated_epilogue(m, bits):
-    """bf16, a llama-1b gate/up projection behind its norm, through the registered op."""
+    """bf16, a llama-1b gate/up projection behind its norm, through the registered op, against
+    the reference in fp32: at least as close to it as the reference run in bf16 itself.
+
+    (A fixed bf16 tolerance fails a few of the 2.4M outputs of any bf16 implementation, the
+    reference's own included: act(gate) * up near 0 with a large gate carries the rounding of up,
+    and up the rounding of the normed x, an absolute error of ~0.03 where the value is ~0.1.)"""
     qt.register()
     n, k, group, dtype = 2 * 8192, 2048, 128, torch.bfloat16
     x, qweight, scales, _ = make_case(m, n, k, group, bits, dtype, bias=False, device="cuda")
     norm_weight = torch.rand(k, device="cuda", dtype=dtype) + 0.5
     args = (x, qweight, scales, None, group, bits, k, None, "rms_norm", norm_weight, 1e-5, "gated_silu")
     got = torch.ops.fxopt.quant_linear(*args)
-    expected = quant_linear_reference(*(a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
-                                        for a in args))
-    assert got.shape == (m, n // 2)
-    torch.testing.assert_close(got.float(), expected, **TOL[dtype])
+    exact = quant_linear_reference(*(a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                                     for a in args))
+    in_bf16 = quant_linear_reference(*args).float()
+    assert got.shape == (m, n // 2) and not torch.isnan(got).any()
+    error, reference_error = (got.float() - exact).abs(), (in_bf16 - exact).abs()
+    assert error.max() <= 1.5 * reference_error.max(), (error.max(), reference_error.max())
+    assert error.mean() <= 1.5 * reference_error.mean(), (error.mean(), reference_error.mean())

@@ -16,9 +16,10 @@ Decode (``M <= DECODE_MAX_M``): a GEMV / skinny GEMM, bound by the weight bytes.
       ``tl.range(..., num_stages)``, which makes Triton stream the weight tiles through shared
       memory with cp.async ``num_stages - 1`` steps ahead (without it Triton pipelines only loads
       that feed a ``tl.dot``), and ``BLOCK_K`` is no longer tied to the group: the M = 1 default is
-      16 x 512 int8 = 8 KiB a step, three stages. All programs together then hold roughly
+      4 x 1024 int8 = 4 KiB a step, three stages. All programs together then hold roughly
       ``N x BLOCK_K x (num_stages - 1)`` bytes in flight; ``BLOCK_N`` trades program count against
-      x re-reads from L2.
+      x re-reads from L2. (Triton's pipeliner needs the weight pointer and row stride divisible by
+      16, as Triton specializes them at launch: without that the loads stay plain ``ld.global``.)
     * Few instructions per weight. At full bandwidth an SM must take in ~11.5 int8 weights a clock
       on an H100 (3 TB/s, 132 SMs, ~2 GHz) and ~18 on an H200 (4.3 TB/s); it issues 128
       thread-instructions a clock, i.e. ~11 / ~7 per int8 weight and half that per int4 weight, and
@@ -175,17 +176,22 @@ DECODE_DEFAULTS = dict(block_n=16, block_k=512, num_warps=4, num_stages=3, sub_k
 # Per bit width: (largest M, overrides of DECODE_DEFAULTS) in increasing M; the first entry whose M
 # bound is >= the launch's M applies (the last one beyond). Reasoned from sm_90 SASS (instructions a
 # weight) and bytes in flight, not yet measured -- benchmarks/quant_sweep.py prints a replacement:
-#   M = 1: 16 x 512 int8 = 8 KiB a step, 3 stages: with N = 4096 that is 256 programs (no split)
-#   and ~4-6 MiB in flight GPU-wide, what the bandwidth x latency product asks for. int4 takes twice
-#   the features for the same bytes and the magic conversion (two I2F a byte would be the limit).
+#   M = 1: 4 x 1024 int8 = 4 KiB a step, 3 stages: with N = 4096 that is 1024 programs (no split),
+#   ~8 an SM, 8 KiB in flight each: ~8 MiB GPU-wide, above the bandwidth x latency product. int4
+#   takes twice the features for the same bytes and the magic conversion (two I2F a byte would be
+#   the limit).
 #   M > 1: tensor cores, K blocks of one group (the scale multiplies the dot's result). x is re-read
 #   from L2 by every N block, 2M / BLOCK_N bytes per int8 weight byte, so BLOCK_N grows with M and
 #   split-K restores the program count.
 DECODE_TILES = {  # from benchmarks/quant_sweep.py on an H200, bf16, group 128, 2026-11-27
     8: (
-        # 1.01x of each point's best; scales_ahead: 3.258 -> 3.225 ms (7B) and 0.946 -> 0.942 ms (1B)
-        # a token, H100, 2026-12-07 (at 8 rows it was 1-5 % slower on 7 of 8 shapes: off there)
-        (1, dict(block_k=1024, block_n=8, convert="magic", num_stages=2, scales_ahead=True)),
+        # scales_ahead: 3.258 -> 3.225 ms (7B) and 0.946 -> 0.942 ms (1B) a token, H100, 2026-12-07
+        # (at 8 rows it was 1-5 % slower on 7 of 8 shapes: off there). 4 rows, 3 stages (two 4-KiB
+        # tiles in flight a program, twice the programs): 8 x 1024, 2 stages -> 4 x 1024, 3 stages
+        # took llama-1b from 0.853 to 0.793 / 0.796 ms a token (two runs), llama2-7b 3.032 / 3.029
+        # -> 3.028 / 3.020 (H100, 2026-12-07, benchmarks/decode.py --int8-gemv). Launches with a
+        # folded norm still take FOLDED_MIN_BLOCK_N rows.
+        (1, dict(block_k=1024, block_n=4, convert="magic", num_stages=3, scales_ahead=True)),
         # 4 stages: 3.863 -> 3.823 ms (7B), 1.029 -> 1.018 (1B) a token at batch 8, H100, 2026-12-07
         (8, dict(block_k=128, block_n=64, num_stages=4)),
         (MAX_DECODE_BLOCK_M, dict(block_k=128, block_n=64)),  # 1.03x (fused_reduce: another 2 %, left off)
