@@ -13,7 +13,8 @@ Llama-architecture models with random bf16 weights shaped like the anchors in AN
 - other fxopt pipelines with ``--variants``: ``fxopt-nofuse`` and ``fxopt-nofold`` (without
   ``fuse`` / ``fold_linear``), ``fxopt-fold-nogated`` (the gated activation a kernel of its own),
   ``fxopt-fold-epi`` (folded into the gate/up projection's epilogue instead of the down
-  projection's prologue), ``fxopt-norotary`` (the rotary not folded into the attention),
+  projection's prologue), ``fxopt-norotary`` (the rotary not folded into the attention), ``fxopt-notables`` and
+  ``fxopt-int8-notables`` (without ``position_tables``: the rotary cos/sin computed every step),
   ``fxopt-prefetch`` (the default pipeline with ``prefetch``: the attention warms the L2 with the
   output projection's weight), ``fxopt-prefetch-linears`` (every GEMV also prefetches the start of
   the next one's weight), ``fxopt-int8`` (``quantize`` then ``fold_linear``, which folds the INT8
@@ -72,25 +73,32 @@ DEFAULT_ATTN_PRELOAD = attention_triton.DECODE_PRELOAD_SLOTS
 DEFAULT_SPLIT_BLOCKS = attention_triton.DECODE_MIN_BLOCKS_PER_SPLIT
 DEFAULT_FOLDED_BLOCK_N = quant_triton.FOLDED_MIN_BLOCK_N
 # fxopt pipelines the benchmark can run: (passes, options); passes None: fxopt's default pipeline
-PREFETCH = ["canonicalize", "kv_cache", "fuse", "fold_linear", "prefetch", "dce", "cuda_graph"]
+PREFETCH = ["canonicalize", "kv_cache", "fuse", "position_tables", "fold_linear", "prefetch", "dce", "cuda_graph"]
+INT8 = ["canonicalize", "kv_cache", "fuse", "position_tables", "quantize", "fold_linear", "dce", "cuda_graph"]
+
+
+def _without(passes: list[str], name: str) -> list[str]:
+    return [p for p in passes if p != name]
+
+
 VARIANTS = {
     "fxopt": (None, {}),
     "fxopt-nofuse": (["canonicalize", "kv_cache", "dce", "cuda_graph"], {}),
-    "fxopt-nofold": (["canonicalize", "kv_cache", "fuse", "dce", "cuda_graph"], {}),
+    "fxopt-nofold": (["canonicalize", "kv_cache", "fuse", "position_tables", "dce", "cuda_graph"], {}),
+    "fxopt-notables": (["canonicalize", "kv_cache", "fuse", "fold_linear", "dce", "cuda_graph"], {}),
     "fxopt-fold-nogated": (None, dict(fold_float_linear=("residual", "rms_norm"))),
     "fxopt-fold-epi": (None, dict(fold_float_linear=True)),
     "fxopt-norotary": (None, dict(fuse_skip=["rotary_into_attention"])),
     "fxopt-prefetch": (PREFETCH, {}),
     "fxopt-prefetch-linears": (PREFETCH, dict(prefetch_linears=True)),
-    "fxopt-int8": (["canonicalize", "kv_cache", "fuse", "quantize", "fold_linear", "dce", "cuda_graph"], {}),
-    "fxopt-int8-nofold": (["canonicalize", "kv_cache", "fuse", "quantize", "dce", "cuda_graph"], {}),
-    "fxopt-int8-act": (["canonicalize", "kv_cache", "fuse", "quantize", "fold_linear", "dce", "cuda_graph"],
-                       dict(fold_quant_linear=("residual", "rms_norm"))),
-    "fxopt-int8-prefetch": (["canonicalize", "kv_cache", "fuse", "quantize", "prefetch", "dce", "cuda_graph"], {}),
-    "fxopt-int8-foldq": (["canonicalize", "kv_cache", "fuse", "quantize", "fold_linear", "dce", "cuda_graph"],
-                         dict(fold_quant_linear=True)),
-    "fxopt-int8-foldq-gated": (["canonicalize", "kv_cache", "fuse", "quantize", "fold_linear", "dce", "cuda_graph"],
-                               dict(fold_quant_linear=("gated",))),
+    "fxopt-int8": (INT8, {}),
+    "fxopt-int8-notables": (_without(INT8, "position_tables"), {}),
+    "fxopt-int8-nofold": (_without(INT8, "fold_linear"), {}),
+    "fxopt-int8-act": (INT8, dict(fold_quant_linear=("residual", "rms_norm"))),
+    "fxopt-int8-prefetch": (["canonicalize", "kv_cache", "fuse", "position_tables", "quantize", "prefetch", "dce",
+                             "cuda_graph"], {}),
+    "fxopt-int8-foldq": (INT8, dict(fold_quant_linear=True)),
+    "fxopt-int8-foldq-gated": (INT8, dict(fold_quant_linear=("gated",))),
 }
 
 

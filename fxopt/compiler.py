@@ -17,7 +17,7 @@ from .passes import CompileContext, PassManager
 from .runtime.compiled import CompiledModel
 
 DEFAULT_PASSES = ["canonicalize", "dce"]
-DEFAULT_LM_PASSES = ["canonicalize", "kv_cache", "fuse", "fold_linear", "dce", "cuda_graph"]
+DEFAULT_LM_PASSES = ["canonicalize", "kv_cache", "fuse", "position_tables", "fold_linear", "dce", "cuda_graph"]
 
 
 def default_passes(model: torch.nn.Module, tp: int = 1) -> list[str]:

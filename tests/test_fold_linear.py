@@ -72,7 +72,8 @@ def test_layer_norm_models_are_left_alone(family):
 
 def test_the_default_pipeline_folds():
     compiled = fxopt.compile(tiny("llama"), max_seq_len=64)
-    assert [r.name for r in compiled.report()] == ["canonicalize", "kv_cache", "fuse", "fold_linear", "dce", "cuda_graph"]
+    assert [r.name for r in compiled.report()] == ["canonicalize", "kv_cache", "fuse", "position_tables", "fold_linear", "dce",
+                                                    "cuda_graph"]
     assert len(ops(compiled.graph_module, fx_ops.linear)) == 4 * LAYERS + 1
 
 
