@@ -179,6 +179,16 @@ def propagate_meta(gm: fx.GraphModule) -> None:
     _MetaPropagator(gm, fake_mode_of(gm), None).run()
 
 
+def complete_meta(gm: fx.GraphModule) -> bool:
+    """For a pass that sets the values of the nodes it makes (``Pass.preserves_meta``): propagate
+    the whole graph only if one of them still has none (an op whose value could not be inferred
+    on its own). Returns whether it propagated."""
+    if all("val" in n.meta for n in gm.graph.nodes if n.op != "output"):
+        return False
+    propagate_meta(gm)
+    return True
+
+
 def lint(gm: fx.GraphModule) -> None:
     """Check the graph is well formed and regenerate its code."""
     gm.graph.lint()

@@ -68,7 +68,7 @@ import torch
 import torch.fx as fx
 
 from .. import kernels  # noqa: F401 - registers torch.ops.fxopt.*
-from ..ir import is_op
+from ..ir import complete_meta, is_op
 from ..kernels.linear import gated_kind
 from ..patterns import infer_meta
 from .base import CompileContext, Pass, PassResult, register_pass
@@ -362,7 +362,9 @@ def unfold_linears(gm: fx.GraphModule) -> int:
 @register_pass("fold_linear")
 class FoldLinear(Pass):
     name = "fold_linear"
+    preserves_meta = True  # as fuse: the new nodes' values are inferred, else the graph propagated
 
     def run(self, gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
         counts = fold_by_options(gm, ctx)
+        complete_meta(gm)
         return PassResult(changed=bool(counts), stats=dict(counts))

@@ -49,7 +49,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from .. import kernels  # noqa: F401 - registers torch.ops.fxopt.*
-from ..ir import is_op, shape_of
+from ..ir import complete_meta, is_op, shape_of
 from ..patterns import Pattern, annotate_near_miss, example, infer_meta, registered_patterns, rewrite
 from .base import CompileContext, Pass, PassResult, register_pass
 from .canonicalize import getattr_path
@@ -425,6 +425,9 @@ def fold_rotary(gm: fx.GraphModule) -> int:
 @register_pass("fuse")
 class Fuse(Pass):
     name = "fuse"
+    # Every node a rewrite makes gets its value from its arguments' (infer_meta), and what it
+    # replaces keeps its own; the graph is propagated again only if one could not be inferred.
+    preserves_meta = True
 
     def run(self, gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
         skip = set(ctx.option("fuse_skip", ()) or ())
@@ -443,6 +446,7 @@ class Fuse(Pass):
         if "rotary_into_attention" not in skip:
             fired["rotary_into_attention"] += fold_rotary(gm)
         gm.graph.lint()
+        complete_meta(gm)
         fired = {k: v for k, v in fired.items() if v}
         near = [str(m) for m in self._near_misses(misses)]
         if ctx.info is not None:

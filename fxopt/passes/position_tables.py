@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from ..ir import describe, is_op, set_attribute, val
+from ..ir import describe, fake_mode_of, is_op, set_attribute, val
 from .base import CompileContext, Pass, PassResult, register_pass
 
 aten = torch.ops.aten
@@ -184,14 +184,19 @@ def tabulate(gm: fx.GraphModule, max_seq: int, max_mib: float = DEFAULT_MAX_MIB,
             if not torch.equal(table[probe], direct):
                 return {"skipped": f"{describe(node)} is not a function of each position alone "
                                    f"(a table lookup differs from computing it)"}
-    graph = gm.graph
+    graph, mode = gm.graph, fake_mode_of(gm)
     for i, (node, table) in enumerate(zip(outputs, tables)):
         name = _free_name(gm, f"position_table_{i}")
         gm.register_buffer(name, table, persistent=False)
         with graph.inserting_before(node):
-            lookup = graph.call_function(aten.embedding.default, (graph.get_attr(name), positions)) \
-                if table.dim() == 2 else graph.call_function(aten.index.Tensor, (graph.get_attr(name), [positions]))
-        lookup.meta.update({k: v for k, v in node.meta.items() if k != "val"})
+            attr = graph.get_attr(name)
+            lookup = graph.call_function(aten.embedding.default, (attr, positions)) if table.dim() == 2 \
+                else graph.call_function(aten.index.Tensor, (attr, [positions]))
+        # The lookup's value is the replaced node's, to the bit and in meta: no re-propagation
+        # of the whole graph (a second or more on a 32-layer model).
+        with mode:
+            attr.meta["val"] = torch.empty(table.shape, dtype=table.dtype, device=val(node).device)
+        lookup.meta.update(node.meta)
         lookup.meta["fxopt"] = {**node.meta.get("fxopt", {}), "position_table": name}
         node.replace_all_uses_with(lookup)
     graph.eliminate_dead_code()
@@ -212,6 +217,7 @@ def _free_name(gm: fx.GraphModule, name: str) -> str:
 @register_pass("position_tables")
 class PositionTables(Pass):
     name = "position_tables"
+    preserves_meta = True  # the new nodes carry the values of the nodes they replace
 
     def run(self, gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
         state = getattr(ctx.info, "state", {}) if ctx.info is not None else {}
