@@ -33,6 +33,7 @@ import torch.fx as fx
 
 from ..ir import describe, fake_mode_of, is_op, set_attribute, val
 from .base import CompileContext, Pass, PassResult, register_pass
+from .canonicalize import getattr_path
 
 aten = torch.ops.aten
 DEFAULT_MAX_MIB = 64
@@ -115,11 +116,6 @@ def evaluator(gm: fx.GraphModule, derived: list[fx.Node], outputs: list[fx.Node]
     return fx.GraphModule(gm, graph), set(env)
 
 
-def _fetch(module: torch.nn.Module, target: str):
-    owner, _, leaf = target.rpartition(".")
-    return getattr(module.get_submodule(owner) if owner else module, leaf)
-
-
 def _device_of(*modules: torch.nn.Module) -> torch.device:
     """The device of the first real tensor of the first module that holds one (the CPU if none)."""
     for module in modules:
@@ -140,7 +136,7 @@ def _real_values(run: fx.GraphModule, buffer_values: dict) -> bool:
     """Give the evaluator's meta attributes their real values from ``buffer_values`` (by the
     checkpoint name in ``meta['param']``); False if one has none."""
     for node in run.graph.find_nodes(op="get_attr"):
-        value = _fetch(run, node.target)
+        value = getattr_path(run, node.target)
         if isinstance(value, torch.Tensor) and value.device.type == "meta":
             real = buffer_values.get(node.meta.get("param"))
             if real is None:
