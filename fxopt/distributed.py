@@ -8,8 +8,8 @@ run with an error instead of a silent hang. The ``shard`` pass then reads the ra
     # torchrun --nproc-per-node 2 my_script.py
     import fxopt
     rank, world = fxopt.distributed.setup()
-    compiled = fxopt.compile(model, passes=["canonicalize", "shard", "kv_cache", "fuse", "fold_linear", "dce",
-                                            "cuda_graph"], tp=world)
+    compiled = fxopt.compile(model, passes=["canonicalize", "shard", "kv_cache", "fuse", "position_tables",
+                                            "fold_linear", "dce", "cuda_graph"], tp=world)
     if rank == 0:
         print(tokenizer.decode(compiled.generate(ids)[0]))
 """
