@@ -79,18 +79,19 @@ class _Positions(torch.nn.Module):
     def __init__(self, mix):
         super().__init__()
         self.mix = mix
-        self.register_buffer("freq", torch.rand(6) + 0.1)
+        self.register_buffer("freq", torch.rand(6, generator=torch.Generator().manual_seed(0)) + 0.1)
 
     def forward(self, x, position_ids):
         p = position_ids.float()
         p = p.cumsum(-1) if self.mix == "cumsum" else p
-        angle = p[..., None] * self.freq
+        # "grid": a [batch, seq, 2, 3] value, whose table is [max_seq, 2, 3] (an index, not an embedding)
+        angle = p[..., None, None] * self.freq.view(2, 3) if self.mix == "grid" else p[..., None] * self.freq
         return x * torch.cos(angle) + torch.sin(angle)
 
 
 def _graph(mix):
     gm = fx.symbolic_trace(_Positions(mix))
-    example = (torch.randn(2, 5, 6), torch.randint(0, 20, (2, 5)))
+    example = (torch.randn(2, 5, 2, 3) if mix == "grid" else torch.randn(2, 5, 6), torch.randint(0, 20, (2, 5)))
     from torch.fx.passes.shape_prop import ShapeProp
     ShapeProp(gm).propagate(*example)
     for node in gm.graph.nodes:  # the IR keeps example values in meta['val']
@@ -100,13 +101,16 @@ def _graph(mix):
     return gm, example
 
 
-def test_a_position_wise_chain_in_any_graph_is_tabulated():
-    gm, (x, positions) = _graph("none")
+@pytest.mark.parametrize("mix, lookup", [("none", aten.embedding.default), ("grid", aten.index.Tensor)])
+def test_a_position_wise_chain_in_any_graph_is_tabulated(mix, lookup):
+    gm, (x, positions) = _graph(mix)
     expected = gm(x, positions)
     stats = tabulate(gm, max_seq=20)
-    assert stats["tables"] == 2
+    assert stats["tables"] == 2 and len(ops(gm, lookup)) == 2
     assert not ops(gm, aten.cos.default) and not any(n.target is torch.cos for n in gm.graph.nodes)
     assert torch.equal(gm(x, positions), expected)
+    every, ones = torch.arange(20)[None].expand(2, 20), x.new_ones(2, 20, *x.shape[2:])  # every row of the tables
+    assert torch.equal(gm(ones, every), _graph(mix)[0](ones, every))
 
 
 def test_a_value_that_mixes_positions_is_refused():
