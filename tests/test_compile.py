@@ -29,11 +29,14 @@ def test_compile_with_verify_matches_eager_on_two_shapes(family):
 
 
 def _example_sizes(value):
-    """A node's value with every dim at its example size: what two propagations must agree on
-    (they may name a symbol differently, or one may have unified two where the other did not)."""
-    from fxopt.ir import _hint
+    """A node's value with every dim at its example size, and whether the dim is static: what
+    two propagations must agree on (they may name a symbol differently, or one may have unified
+    two where the other did not, but a dim pinned to a number would bake that size in)."""
+    from fxopt.ir import _hint, static_dim
     if isinstance(value, torch.Tensor):
-        return [_hint(d) for d in value.shape], value.dtype
+        return [(_hint(d), static_dim(d) is not None) for d in value.shape], value.dtype
+    if isinstance(value, torch.SymInt):
+        return _hint(value), static_dim(value) is not None
     if isinstance(value, (list, tuple)):
         return [_example_sizes(v) for v in value]
     return value if isinstance(value, (int, float, bool, type(None))) else str(value)
@@ -42,9 +45,9 @@ def _example_sizes(value):
 @pytest.mark.parametrize("family", ["llama", "gpt2", "opt", "qwen2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_values_the_passes_keep_are_what_propagation_gives(family, dtype):
-    """kv_cache, fuse, position_tables and fold_linear set the values of what they make instead
-    of re-propagating the graph (preserves_meta): every node's value after the default pipeline
-    is what a fresh propagation gives it."""
+    """canonicalize, kv_cache, fuse, position_tables and fold_linear set the values of what they
+    make instead of re-propagating the graph (preserves_meta): every node's value after the
+    default pipeline is what a fresh propagation gives it, its symbolic dims still symbolic."""
     from fxopt.ir import propagate_meta
     from test_fuse import model_of
     gm = fxopt.compile(model_of(family).to(dtype), max_batch_size=4, max_seq_len=64).graph_module
