@@ -7,7 +7,7 @@ Per model, variant and batch: ``fxopt.compile`` (the pipelines of ``benchmarks/d
 warm ``generate``, then ``generate`` of ``--new`` tokens under ``torch.profiler``. Every decode
 step replays the same kernels, so the step is the shortest period of the kernel sequence at the
 end of the trace, and a decoder layer the shortest period inside the step. Printed per kernel of
-a middle layer (averaged over all layers and steps): its name and grid, its duration, and the gap
+a decoder layer (averaged over all layers and steps): its name and grid, its duration, and the gap
 since the kernel before it ended (negative: they overlapped, as programmatic dependent launch
 lets them). Then the layer and the step against their bandwidth floors: the bytes they must read
 (weights, plus K/V at the mean history length) over the device-to-device copy bandwidth measured

@@ -44,12 +44,20 @@ def strip_gqa_repeat(node: fx.Node) -> fx.Node:
     return source
 
 
-def _positions_node(gm: fx.GraphModule) -> fx.Node:
+def positions_node(gm: fx.GraphModule) -> fx.Node | None:
+    """The ``position_ids`` input of a captured causal LM (the capture contract), or None."""
     for node in gm.graph.find_nodes(op="placeholder"):
         if node.name == "position_ids":
             return node
-    raise PassError("kv_cache: the graph has no 'position_ids' input; capture the causal LM with fxopt.capture, "
-                    "which adds it")
+    return None
+
+
+def _positions_node(gm: fx.GraphModule) -> fx.Node:
+    node = positions_node(gm)
+    if node is None:
+        raise PassError("kv_cache: the graph has no 'position_ids' input; capture the causal LM with fxopt.capture, "
+                        "which adds it")
+    return node
 
 
 @register_pass("kv_cache")

@@ -34,18 +34,11 @@ import torch.fx as fx
 from ..ir import describe, fake_mode_of, is_op, set_attribute, val
 from .base import CompileContext, Pass, PassResult, register_pass
 from .canonicalize import getattr_path
+from .kv_cache import positions_node
 
 aten = torch.ops.aten
 DEFAULT_MAX_MIB = 64
 PROBE_SHAPE = (3, 5)  # rows x tokens of the position-wise check
-
-
-def positions_node(gm: fx.GraphModule) -> fx.Node | None:
-    """The ``position_ids`` input of a captured causal LM, or None."""
-    for node in gm.graph.find_nodes(op="placeholder"):
-        if node.name == "position_ids":
-            return node
-    return None
 
 
 def position_derived(gm: fx.GraphModule, positions: fx.Node) -> list[fx.Node]:
