@@ -44,6 +44,10 @@ def test_captured_decode_equals_uncaptured_across_buckets(dtype):
         a = graphs.generate(ids, attention_mask=mask, max_new_tokens=12)
         b = eager.generate(ids, attention_mask=mask, max_new_tokens=12)
         assert torch.equal(a, b), n
+        a = graphs.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=True, seed=n)
+        b = eager.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=True, seed=n)
+        assert torch.equal(a, b), n  # sampling: the host picks, each step replays the plain graph
+    assert sorted(graphs._runner.greedy_loops) == [1, 2, 4, 8]  # greedy: steps that feed themselves
     assert sorted(graphs._runner.graphs) == [1, 2, 4, 8]
 
 

@@ -6,7 +6,8 @@ runtime (``fxopt/runtime/cuda_graph.py``) captures each bucket on first use and 
 Prefill (many tokens per row, a different length every time) runs uncaptured.
 
 Options: ``cuda_graph_fallback=True`` turns a capture failure into a warning and eager decode
-instead of an error. On a machine without CUDA (or with the weights on the CPU) the pass changes
+instead of an error. ``cuda_graph_greedy_loop=False`` keeps greedy decoding's token pick and
+feedback on the host (by default they are captured with the step: ``runtime/greedy_loop.py``). On a machine without CUDA (or with the weights on the CPU) the pass changes
 nothing and says so in one line.
 """
 from __future__ import annotations
@@ -45,7 +46,8 @@ class CUDAGraph(Pass):
                 raise PassError(f"cuda_graph: {describe(node)} copies a value to the host, which a CUDA graph "
                                 "cannot capture")
         buckets = buckets_for(cache["max_batch_size"])
-        info.state["cuda_graph"] = {"buckets": buckets, "fallback": bool(ctx.option("cuda_graph_fallback", False))}
+        info.state["cuda_graph"] = {"buckets": buckets, "fallback": bool(ctx.option("cuda_graph_fallback", False)),
+                                    "greedy_loop": bool(ctx.option("cuda_graph_greedy_loop", True))}
         return PassResult(changed=True, stats={"buckets": ",".join(map(str, buckets))})
 
 

@@ -42,6 +42,19 @@ class CompiledModel(torch.nn.Module):
         return self.info.signature.call(self._executable(self.graph_module), input_ids=input_ids,
                                         position_ids=position_ids).logits
 
+    def greedy_loop(self, batch: int, device: torch.device):
+        """The self-feeding greedy decode step for ``batch`` rows (``greedy_loop.py``): with the
+        ``cuda_graph`` pass on a CUDA model, captured on first use; None otherwise (or with the
+        pass's option ``cuda_graph_greedy_loop=False``)."""
+        plan = self.info.state.get("cuda_graph")
+        if device.type != "cuda" or plan is None or not plan.get("greedy_loop", True):
+            return None
+        runner = self._cuda_graph_runner()
+        if runner is None:
+            return None
+        from .greedy_loop import greedy_loop
+        return greedy_loop(runner, batch, device)
+
     def prefill(self, input_ids: torch.Tensor, last_index: torch.Tensor) -> torch.Tensor:
         """A forward over the prompts ``input_ids`` [B, S], at positions 0..S-1 of every row (a
         prefill starts the rows' sequences: the cache's earlier contents are dropped), that

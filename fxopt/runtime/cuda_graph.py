@@ -76,6 +76,7 @@ class CUDAGraphRunner:
         self.failed = False
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict[int, _Captured] = {}
+        self.greedy_loops: dict = {}  # bucket -> GreedyLoop or None (greedy_loop.py)
 
     def bucket(self, batch: int) -> int:
         return smallest_bucket(self.buckets, batch, "batch", "max_batch_size")

@@ -21,6 +21,7 @@ import torch
 
 from ..errors import GenerationError
 from ..kernels import sampling  # noqa: F401 - registers torch.ops.fxopt.argmax
+from .greedy_loop import MAX_EOS_IDS
 
 
 MODEL_DEFAULT = object()  # eos_token_id not given: the model's own (None given: never stop early)
@@ -176,19 +177,30 @@ def _decode(model, input_ids, attention_mask=None, *, check_every: int, max_new_
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     eos = torch.tensor(sorted(req.eos), dtype=torch.long, device=device) if req.eos else None
     position = lengths[:, None].clone()
+    tokens = sampling.pick(next_logits, generator)
+    timer.prefill_done()
+    # Greedy steps on a CUDA graph pick and feed back their own tokens (greedy_loop.py).
+    loop = None
+    if not sampling.do_sample and len(req.eos) <= MAX_EOS_IDS:
+        loop = model.greedy_loop(batch, device)
     for step in range(req.max_new_tokens):
-        tokens = sampling.pick(next_logits, generator)
-        if step == 0:
-            timer.prefill_done()
         # Without an end-of-sequence token no row can finish early: no masking, no sync to ask.
-        if eos is not None:
+        if eos is not None and (loop is None or step == 0):
             tokens = torch.where(done, pad, tokens)  # finished rows emit padding
             done |= torch.isin(tokens, eos)
         yield tokens
         if step == req.max_new_tokens - 1 or (eos is not None and (step + 1) % check_every == 0 and bool(done.all())):
             break
-        next_logits = model.step(tokens[:, None], position)[:, -1]
-        position += 1
+        if loop is not None:
+            if step == 0:
+                loop.start(tokens, position, done, pad=req.pad, eos=req.eos)
+                done = loop.done[:batch]
+            loop.step()
+            tokens = loop.tokens(step)[:batch]
+        else:
+            next_logits = model.step(tokens[:, None], position)[:, -1]
+            position += 1
+            tokens = sampling.pick(next_logits, generator)
     timer.finish(model, step + 1, batch)
 
 
