@@ -2,7 +2,7 @@
 # Everything fxopt checks and measures on a GPU machine, in one go (logs under $OUT or ./gpu-out).
 #   bash benchmarks/gpu_suite.sh [quick|full|ab|anchors|profile]
 # ab: the GPU tests of the newest changes, then the A/B docs/performance.md lists as not yet
-# measured (the greedy loop on and off, position_tables on and off; batch 1 and 8), each under a time limit
+# measured (the greedy loop on and off, bf16 and INT8, batch 1 and 8), each under a time limit
 # (under ten minutes in all), then their tables.
 # anchors: the issues' anchor table (fxopt bf16 and INT8 against transformers eager and
 # torch.compile, batch 1 and 8, prefill 2048), one process per model, under nine minutes.
@@ -29,15 +29,15 @@ if [ "$mode" = profile ]; then
   exit 0
 fi
 if [ "$mode" = ab ]; then
-  timeout 130 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_greedy_loop.py tests/test_cuda_graph.py \
-    tests/test_position_tables.py tests/test_quant_triton.py -k "loop or captured or position_tables or gated_epilogue or registered_op" \
+  timeout 130 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_fuse.py tests/test_greedy_loop.py \
+    tests/test_sampling_triton.py tests/test_cuda_graph.py -k "cuda_as_on_cpu or loop or feedback or captured" \
     2>&1 | tee "$OUT/pytest-ab.txt" | tail -3
   for m in llama-1b llama2-7b; do
     timeout $([ $m = llama2-7b ] && echo 230 || echo 200) python3 benchmarks/decode.py --no-compile --no-eager --prefill 0 --models $m --batches 1 8 \
-      --variants fxopt fxopt-hostloop fxopt-notables fxopt-int8 fxopt-int8-hostloop --json "$OUT/ab-tables-$m.json" \
-      > "$OUT/ab-tables-$m.txt" 2>&1
+      --variants fxopt fxopt-hostloop fxopt-int8 fxopt-int8-hostloop --json "$OUT/ab-loop-$m.json" \
+      > "$OUT/ab-loop-$m.txt" 2>&1
   done
-  for f in ab-tables-llama-1b ab-tables-llama2-7b; do
+  for f in ab-loop-llama-1b ab-loop-llama2-7b; do
     [ -f "$OUT/$f.json" ] && python3 benchmarks/decode.py --table "$OUT/$f.json"
   done
   exit 0

@@ -130,6 +130,15 @@ _SHAPE_RULES = {
 }
 
 
+def fake_call(mode: FakeTensorMode, target, args, kwargs):
+    """``target(*args, **kwargs)`` on fake tensors in ``mode``; the ops of ``_SHAPE_RULES`` by their
+    rule (their fake kernels may fail, or pin a symbolic size, where the rule cannot)."""
+    with mode:
+        if target in _SHAPE_RULES:
+            return _SHAPE_RULES[target](*args[:3])
+        return target(*args, **kwargs)
+
+
 class _MetaPropagator(fx.Interpreter):
     """Runs the graph on fake tensors and stores each node's result in ``meta['val']``."""
 
@@ -147,9 +156,8 @@ class _MetaPropagator(fx.Interpreter):
                 if isinstance(result, torch.Tensor) and not isinstance(result, FakeTensor):
                     result = self.mode.from_tensor(result, static_shapes=True)
             elif node.target in _SHAPE_RULES:
-                with self.mode:
-                    result = _SHAPE_RULES[node.target](*(self.env[a] if isinstance(a, fx.Node) else a
-                                                         for a in node.args[:3]))
+                args = fx.node.map_arg(node.args, lambda a: self.env[a])
+                result = fake_call(self.mode, node.target, args, node.kwargs)
             else:
                 with self.mode:
                     result = super().run_node(node)
@@ -179,14 +187,16 @@ def propagate_meta(gm: fx.GraphModule) -> None:
     _MetaPropagator(gm, fake_mode_of(gm), None).run()
 
 
-def complete_meta(gm: fx.GraphModule) -> bool:
+def complete_meta(gm: fx.GraphModule) -> str | None:
     """For a pass that sets the values of the nodes it makes (``Pass.preserves_meta``): propagate
     the whole graph only if one of them still has none (an op whose value could not be inferred
-    on its own). Returns whether it propagated."""
-    if all("val" in n.meta for n in gm.graph.nodes if n.op != "output"):
-        return False
+    on its own). Returns None, or which nodes made it propagate ("%name (+2 more)"): a pass puts
+    that in its stats, where a propagation a device's fake kernels forced shows."""
+    missing = [n.name for n in gm.graph.nodes if n.op != "output" and "val" not in n.meta]
+    if not missing:
+        return None
     propagate_meta(gm)
-    return True
+    return f"%{missing[0]}" + (f" (+{len(missing) - 1} more)" if len(missing) > 1 else "")
 
 
 def lint(gm: fx.GraphModule) -> None:

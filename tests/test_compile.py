@@ -57,6 +57,45 @@ def test_values_the_passes_keep_are_what_propagation_gives(family, dtype):
     assert kept == fresh
 
 
+@torch.library.custom_op("fxopt_test::picky_double", mutates_args=())
+def _picky_double(x: torch.Tensor) -> torch.Tensor:
+    return x * 2
+
+
+@_picky_double.register_fake
+def _(x):  # as linear's on CUDA with torch 2.11: a fake kernel that cannot take symbolic sizes
+    raise RuntimeError("this fake kernel needs concrete sizes")
+
+
+def test_a_new_nodes_value_comes_from_the_shape_rules_where_its_fake_kernel_fails(monkeypatch):
+    """A pass's new node gets its value (infer_meta) as propagation would give it: by the op's
+    shape rule where one is stated, so a pattern reading its shape still matches."""
+    from fxopt import ir
+    from fxopt.patterns import infer_meta
+    gm = fxopt.compile(tiny("llama"), passes=["canonicalize"]).graph_module
+    x = next(n for n in gm.graph.nodes if is_op(n, aten.linear.default))
+    with gm.graph.inserting_after(x):
+        node = gm.graph.call_function(torch.ops.fxopt_test.picky_double.default, (x,))
+    infer_meta(gm, node)
+    assert "val" not in node.meta  # the fake kernel failed and no rule says otherwise
+    monkeypatch.setitem(ir._SHAPE_RULES, torch.ops.fxopt_test.picky_double.default, lambda t: t.new_empty(t.shape))
+    infer_meta(gm, node)
+    assert [str(d) for d in node.meta["val"].shape] == [str(d) for d in x.meta["val"].shape]
+    assert any(not isinstance(d, int) for d in node.meta["val"].shape)  # still symbolic, not pinned
+
+
+def test_complete_meta_propagates_only_for_a_node_without_a_value_and_names_it():
+    from fxopt.ir import complete_meta
+    gm = fxopt.compile(tiny("llama"), passes=["canonicalize"]).graph_module
+    assert complete_meta(gm) is None
+    linears = [n for n in gm.graph.nodes if is_op(n, aten.linear.default)]
+    shapes = [_example_sizes(n.meta["val"]) for n in linears[:2]]
+    for n in linears[:2]:
+        del n.meta["val"]
+    assert complete_meta(gm) == f"%{linears[0].name} (+1 more)"
+    assert [_example_sizes(n.meta["val"]) for n in linears[:2]] == shapes
+
+
 def test_canonicalize_normal_form_gpt2():
     model = tiny("gpt2")
     compiled = fxopt.compile(model, passes=["canonicalize", "dce"], verify=True)

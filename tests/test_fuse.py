@@ -86,6 +86,21 @@ def test_fuse_fires_on_every_family(family):
     torch.testing.assert_close(compiled(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fuse_and_fold_fire_on_cuda_as_on_cpu(family):
+    """The passes read shapes from the values the capture made; on CUDA those come from other fake
+    kernels (linear's guards on symbolic sizes there), and a shape left unknown would quietly stop a
+    pattern. The default pipeline must fire the same rewrites on both devices, in bf16."""
+    model = model_of(family).to(torch.bfloat16)
+    stats = {}
+    for device in ("cpu", "cuda"):
+        compiled = fxopt.compile(model.to(device), max_batch_size=4, max_seq_len=64)
+        stats[device] = {r.name: r.stats for r in compiled.report() if r.name in ("fuse", "fold_linear")}
+    assert stats["cuda"] == stats["cpu"]
+    assert "near_miss" not in stats["cuda"]["fuse"], stats["cuda"]["fuse"]
+
+
 def test_rotary_stays_its_own_op_when_skipped_or_when_its_dtype_differs():
     """fuse_skip=["rotary_into_attention"] keeps fxopt.rotary; so do cos/sin of another dtype than
     q (the rotated values would change dtype), and the numbers are the same either way."""

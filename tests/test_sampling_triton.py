@@ -90,3 +90,81 @@ def test_registered_op_on_cuda(dtype):
     x[:, 5] = 50.0
     graph.replay()
     assert captured.tolist() == [5] * 8
+
+
+# --------------------------------------------------------------------------------------------- #
+# greedy_feedback_: the pick and the generation loop's bookkeeping in one kernel
+# --------------------------------------------------------------------------------------------- #
+
+def _loop_state(rows, width, seed):
+    """A mid-generation loop state: some rows done, rows at different positions, some parked."""
+    g = torch.Generator().manual_seed(seed)
+    return dict(
+        done=torch.rand(rows, generator=g) < 0.3,
+        pad=torch.full((rows,), 7, dtype=torch.long),
+        eos=torch.tensor([-1, -1, -1], dtype=torch.long),
+        history=torch.randint(0, 100, (rows, width), generator=g),
+        count=torch.full((rows,), 2, dtype=torch.long),
+        ids=torch.randint(0, 100, (rows, 1), generator=g),
+        pos=torch.randint(0, width, (rows, 1), generator=g),
+        advance=(torch.rand(rows, 1, generator=g) < 0.7).long(),
+    )
+
+
+def _on(state, device):
+    return {k: v.clone().to(device) for k, v in state.items()}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows, vocab", [(1, 32000), (3, 4097), (5, 9000), (2, 7)])
+def test_greedy_feedback_kernel_is_its_reference_step_after_step(dtype, rows, vocab):
+    from fxopt.kernels.sampling import greedy_feedback_reference
+    full = logits(rows, 2 * vocab, dtype, seed=rows).view(rows, 2, vocab)
+    x = full[:, -1]  # strided rows, as the loop passes the last position's logits
+    state = _loop_state(rows, 12, seed=vocab)
+    picks = x.argmax(-1)
+    state["eos"][:2] = torch.tensor([int(picks[0]), int(picks[-1])])  # some rows end now
+    ref, got = _on(state, "cpu"), _on(state, DEVICE)
+    scratch = torch.zeros(2, rows, dtype=torch.long, device=DEVICE)
+    for step in range(3):  # the kernel leaves its scratch at zero: later calls are not skewed
+        greedy_feedback_reference(x.float().cpu(), **ref)  # same picks: done rows stay done, counts advance
+        st_k.greedy_feedback_triton(x, **got, scratch=scratch)
+        for key in ref:
+            assert torch.equal(got[key].cpu(), ref[key]), (step, key)
+        assert not scratch.any()
+    assert bool(ref["done"][0]) and bool(ref["done"][-1])
+    assert ref["count"].tolist() == [5] * rows
+
+
+def test_greedy_feedback_refuses_what_it_cannot_take():
+    state = _on(_loop_state(2, 8, seed=0), DEVICE)
+    x = logits(2, 100, torch.float32)
+    with pytest.raises(ValueError, match=r"greedy_feedback_: count must be a contiguous torch.int64 tensor"):
+        st_k.greedy_feedback_triton(x, **{**state, "count": state["count"][:1]}, scratch=torch.zeros(2, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"scratch must be contiguous int64 \[2, 2\]"):
+        st_k.greedy_feedback_triton(x, **state, scratch=torch.zeros(2, 3, dtype=torch.long, device=DEVICE))
+
+
+@pytest.mark.gpu
+def test_greedy_feedback_op_replays_in_a_cuda_graph():
+    from fxopt.kernels.sampling import greedy_feedback_reference
+    from fxopt.kernels.triton_ops import register_all
+
+    assert "sampling_triton" in register_all()
+    x = torch.randn(4, 128256, device="cuda").to(torch.bfloat16)
+    state = _loop_state(4, 16, seed=1)
+    state["eos"][0] = int(x[2].float().argmax())
+    ref, got = _on(state, "cpu"), _on(state, "cuda")
+    scratch = torch.zeros(2, 4, dtype=torch.long, device="cuda")
+    torch.ops.fxopt.greedy_feedback_(x, **_on(state, "cuda"), scratch=scratch)  # compiles the kernel
+    graph = torch.cuda.CUDAGraph()
+    torch.cuda.synchronize()
+    with torch.cuda.graph(graph):  # capturing runs nothing: the state is still the start's
+        torch.ops.fxopt.greedy_feedback_(x, **got, scratch=scratch)
+    for _ in range(4):
+        graph.replay()
+        greedy_feedback_reference(x.float().cpu(), **ref)
+    torch.cuda.synchronize()
+    for key in ref:
+        assert torch.equal(got[key].cpu(), ref[key]), key
+    assert not scratch.any() and bool(ref["done"][2])

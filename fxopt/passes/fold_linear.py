@@ -366,5 +366,8 @@ class FoldLinear(Pass):
 
     def run(self, gm: fx.GraphModule, ctx: CompileContext) -> PassResult:
         counts = fold_by_options(gm, ctx)
-        complete_meta(gm)
-        return PassResult(changed=bool(counts), stats=dict(counts))
+        stats = dict(counts)
+        propagated = complete_meta(gm)
+        if propagated:
+            stats["propagated_for"] = propagated
+        return PassResult(changed=bool(counts), stats=stats)

@@ -446,12 +446,14 @@ class Fuse(Pass):
         if "rotary_into_attention" not in skip:
             fired["rotary_into_attention"] += fold_rotary(gm)
         gm.graph.lint()
-        complete_meta(gm)
+        propagated = complete_meta(gm)
         fired = {k: v for k, v in fired.items() if v}
         near = [str(m) for m in self._near_misses(misses)]
         if ctx.info is not None:
             ctx.info.state["fuse"] = {"fired": dict(fired), "near_misses": near}
         stats = dict(fired, near_miss=" | ".join(near)) if near else dict(fired)
+        if propagated:
+            stats["propagated_for"] = propagated
         return PassResult(changed=bool(fired), stats=stats)
 
     @staticmethod

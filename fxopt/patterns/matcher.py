@@ -60,7 +60,7 @@ import torch
 import torch.fx as fx
 
 from ..errors import FxoptError
-from ..ir import fake_mode_of, module_path, val
+from ..ir import fake_call, fake_mode_of, module_path, val
 
 aten = torch.ops.aten
 
@@ -600,8 +600,9 @@ class Match:
 
 
 def infer_meta(gm: fx.GraphModule, node: fx.Node) -> None:
-    """Set ``meta['val']`` of a new node from its arguments', so later matches can read shapes
-    before the pass manager re-propagates the whole graph."""
+    """Set ``meta['val']`` of a new node from its arguments' (``ir.fake_call``), so later matches
+    read its shape and a pass that keeps its values (``Pass.preserves_meta``) need not propagate
+    the whole graph; left unset where the op cannot run on fake tensors."""
     mode = fake_mode_of(gm)
     if node.op == "get_attr":
         obj = gm
@@ -611,8 +612,7 @@ def infer_meta(gm: fx.GraphModule, node: fx.Node) -> None:
         return
     args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: n.meta.get("val"))
     try:
-        with mode:
-            node.meta["val"] = node.target(*args, **kwargs)
+        node.meta["val"] = fake_call(mode, node.target, args, kwargs)
     except Exception:  # noqa: BLE001 - the pass manager re-propagates after the pass anyway
         node.meta.pop("val", None)
 

@@ -11,7 +11,9 @@ Here all of that is captured with the step:
     history[:, count] = token; count += 1
     ids, pos = token, pos + advance                 # padding rows stay parked
 
-so the host only replays the graph, and every few steps reads ``done`` (a sync) to stop early.
+all but the step in one op, ``fxopt::greedy_feedback_`` (kernels/sampling.py; on CUDA one Triton
+kernel), so the host only replays the graph, and every few steps reads ``done`` (a sync) to stop
+early.
 
     >>> loop = GreedyLoop(runner, bucket=4, device=device)
     >>> loop.start(tokens, positions, done, pad=0, eos={2})    # the prefill's picks, [3] rows
@@ -24,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels import sampling  # noqa: F401 - registers torch.ops.fxopt.argmax
+from ..kernels import sampling  # noqa: F401 - registers torch.ops.fxopt.greedy_feedback_
 from .cuda_graph import capture, capture_failed
 
 MAX_EOS_IDS = 8  # end-of-sequence ids a loop compares against; requests with more use the host loop
@@ -45,7 +47,8 @@ class GreedyLoop:
         self.pad = torch.zeros(bucket, dtype=torch.long, device=device)
         self.eos = torch.full((MAX_EOS_IDS,), NO_TOKEN, dtype=torch.long, device=device)
         self.history = torch.zeros(bucket, park + 1, dtype=torch.long, device=device)
-        self.count = torch.zeros(1, dtype=torch.long, device=device)
+        self.count = torch.zeros(bucket, dtype=torch.long, device=device)
+        self.scratch = torch.zeros(2, bucket, dtype=torch.long, device=device)  # the kernel's; it stays zero
         self._flat = runner.signature.flatten((), {"input_ids": self.ids, "position_ids": self.pos})
         self.graph = None
         if capture_graph:
@@ -53,12 +56,8 @@ class GreedyLoop:
 
     def _body(self) -> None:
         logits = self.runner.gm(*self._flat)[0][:, -1]
-        token = torch.where(self.done, self.pad, torch.ops.fxopt.argmax(logits))
-        self.done |= (token[:, None] == self.eos).any(dim=-1)
-        self.history.index_copy_(1, self.count, token[:, None])
-        self.count += 1
-        self.ids.copy_(token[:, None])
-        self.pos += self.advance
+        torch.ops.fxopt.greedy_feedback_(logits, self.done, self.pad, self.eos, self.history, self.count,
+                                         self.ids, self.pos, self.advance, self.scratch)
 
     def start(self, tokens: torch.Tensor, positions: torch.Tensor, done: torch.Tensor, *,
               pad: int, eos: set[int]) -> None:
