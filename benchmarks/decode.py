@@ -15,6 +15,8 @@ Llama-architecture models with random bf16 weights shaped like the anchors in AN
   ``fxopt-fold-epi`` (folded into the gate/up projection's epilogue instead of the down
   projection's prologue), ``fxopt-norotary`` (the rotary not folded into the attention), ``fxopt-notables`` and
   ``fxopt-int8-notables`` (without ``position_tables``: the rotary cos/sin computed every step),
+  ``fxopt-hostloop`` and ``fxopt-int8-hostloop`` (greedy's pick and token feedback on the host
+  between CUDA-graph steps instead of inside them: ``cuda_graph_greedy_loop=False``),
   ``fxopt-prefetch`` (the default pipeline with ``prefetch``: the attention warms the L2 with the
   output projection's weight), ``fxopt-prefetch-linears`` (every GEMV also prefetches the start of
   the next one's weight), ``fxopt-int8`` (``quantize`` then ``fold_linear``, which folds the INT8
