@@ -7,8 +7,9 @@ Prefill (many tokens per row, a different length every time) runs uncaptured.
 
 Options: ``cuda_graph_fallback=True`` turns a capture failure into a warning and eager decode
 instead of an error. ``cuda_graph_greedy_loop=False`` keeps greedy decoding's token pick and
-feedback on the host (by default they are captured with the step: ``runtime/greedy_loop.py``). On a machine without CUDA (or with the weights on the CPU) the pass changes
-nothing and says so in one line.
+feedback on the host (by default they are captured with the step: ``runtime/greedy_loop.py``).
+On a machine without CUDA (or with the weights on the CPU) the pass changes nothing and says so
+in one line.
 """
 from __future__ import annotations
 

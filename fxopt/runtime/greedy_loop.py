@@ -2,7 +2,8 @@
 
 A plain decode step hands over to the host between graphs: the next token is picked (argmax),
 finished rows are masked, the token and position are copied into the graph's input buffers and
-the positions advanced: six or seven small launches a step, 10-25 µs of GPU time at batch 1.
+the positions advanced: a handful of small launches and a graph launch each step (about 12 µs of
+kernels and a 9 µs gap at batch 1 on an H100: docs/performance.md).
 Here all of that is captured with the step:
 
     logits   = step(ids, pos)[:, -1]
@@ -19,7 +20,7 @@ early.
     >>> loop.start(tokens, positions, done, pad=0, eos={2})    # the prefill's picks, [3] rows
     >>> loop.step(); loop.tokens(0)                            # the 2nd token of each row, [3]
 
-With ``capture=False`` the same body runs eagerly (no CUDA needed): the loop's logic can then be
+With ``capture_graph=False`` the same body runs eagerly (no CUDA needed): the loop's logic can then be
 checked on any device against the host-side loop in ``generate.py``.
 """
 from __future__ import annotations
