@@ -318,10 +318,12 @@ def run_model(name, args, ceil, rows, prefills):
         context = args.prompt + args.new // 2  # mean history length over the generation
         return (wbytes + kv_bytes_per_step(cfg, batch, context)) / (ceil["copy_TBps"] * 1e12) * 1e3
 
-    def add(system, batch, ms, compile_s=None, peak=None):
+    def add(system, batch, ms, compile_s=None, peak=None, notes=()):
         rows.append(dict(model=name, system=system, batch=batch, ms_per_token=round(ms, 3),
                          tokens_per_s=round(batch * 1e3 / ms, 1), pct_of_floor=round(100 * floor_ms(batch) / ms, 1),
                          floor_ms=round(floor_ms(batch), 3), compile_s=compile_s, peak_GB=peak))
+        if notes:
+            rows[-1]["notes"] = list(notes)
         print(rows[-1], flush=True)
         save(args, ceil, rows, prefills)
 
@@ -352,10 +354,11 @@ def run_model(name, args, ceil, rows, prefills):
             compiled = fxopt.compile(model, passes=passes, max_batch_size=max_batch, max_seq_len=seq, **options)
             compile_s = round(time.perf_counter() - t0, 1)
             print(compiled.report(), flush=True)
+            notes = pipeline_notes(compiled.report())
             for batch in args.batches:
                 torch.cuda.reset_peak_memory_stats()
                 ms, _ = fxopt_decode(compiled, cfg.vocab_size, batch, args.prompt, args.new)
-                add(system, batch, ms, compile_s=compile_s, peak=peak_gb())
+                add(system, batch, ms, compile_s=compile_s, peak=peak_gb(), notes=notes)
         except Exception as e:  # noqa: BLE001 - record and go on to the anchors
             import traceback
             traceback.print_exc()
@@ -396,6 +399,18 @@ def run_model(name, args, ceil, rows, prefills):
     torch.cuda.empty_cache()
 
 
+def pipeline_notes(report) -> list[str]:
+    """What in a compile report says the pipeline did less than it should: a pattern that nearly
+    matched, a pass that had to re-propagate the graph. A run's table prints them under its rows,
+    so a fusion that stops firing on one device shows in the run that gets slower."""
+    notes = []
+    for record in report:
+        for key in ("near_miss", "propagated_for"):
+            if record.stats.get(key):
+                notes.append(f"{record.name} {key.replace('_', ' ')}: {record.stats[key]}")
+    return notes
+
+
 def save(args, ceil, rows, prefills):
     import transformers
     import triton
@@ -415,6 +430,9 @@ def table(rows, prefills) -> str:
                      f"{r['tokens_per_s']:>9.1f} {r['floor_ms']:>8.3f} {r['pct_of_floor']:>6.1f}% "
                      f"{r['compile_s'] if r['compile_s'] is not None else '-':>9} {r['peak_GB'] or '-':>8}")
     lines += [f"{r['model']:<10} {r['system']:<{w}} ERROR {r['error'][:150]}" for r in rows if "error" in r]
+    noted = {(r["model"], r["system"]): r["notes"] for r in rows if r.get("notes")}
+    lines += [f"{model:<10} {system:<{w}} NOTE  {note[:200]}" for (model, system), notes in noted.items()
+              for note in notes]
     lines += ["", f"{'prefill':<10} {'tokens':>6} {'hf-eager ms':>11} {'fxopt ms':>9} {'matmul floor ms':>15}"]
     for p in prefills:
         setting = f"  residuals in place: {p['in_place']}" if p.get("in_place") else ""

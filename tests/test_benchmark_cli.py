@@ -80,7 +80,10 @@ def test_int8_gemv_rows_picks_the_entry_the_settings_override(monkeypatch):
 def test_table_reprints_a_saved_run(tmp_path):
     rows = [dict(model="llama-1b", system="fxopt{trigger_steps=1,preload=1024}+ap64", batch=1, ms_per_token=0.913,
                  tokens_per_s=1095.3, floor_ms=0.58, pct_of_floor=63.5, compile_s=7.9, peak_GB=3.1),
-            dict(model="llama-1b", system="fxopt-int8", error="RuntimeError('out of memory')")]
+            dict(model="llama-1b", system="fxopt-int8", error="RuntimeError('out of memory')"),
+            dict(model="llama-1b", system="fxopt", batch=8, ms_per_token=1.406, tokens_per_s=5690.7, floor_ms=0.829,
+                 pct_of_floor=59.0, compile_s=9.2, peak_GB=4.0,
+                 notes=["fuse near miss: gated_act:silu: matched 5 of 5 nodes; stopped at aten.mul"])]
     prefill = [dict(model="llama-1b", tokens=2048, hf_eager_ms=13.4, fxopt_ms=8.22, matmul_floor_ms=5.06),
                dict(model="llama-1b", tokens=2048, hf_eager_ms=13.4, fxopt_ms=8.41, matmul_floor_ms=5.06, in_place="off")]
     path = tmp_path / "run.json"
@@ -92,9 +95,26 @@ def test_table_reprints_a_saved_run(tmp_path):
     row = next(line for line in lines if "+ap64" in line).split()
     assert row[:4] == ["llama-1b", "fxopt{trigger_steps=1,preload=1024}+ap64", "1", "0.913"]
     assert any("fxopt-int8" in line and "ERROR" in line and "out of memory" in line for line in lines)
+    assert [line.split(None, 3) for line in lines if "NOTE" in line] == [
+        ["llama-1b", "fxopt", "NOTE", "fuse near miss: gated_act:silu: matched 5 of 5 nodes; stopped at aten.mul"]]
     assert any(line.split() == ["llama-1b", "2048", "13.4", "8.22", "5.06"] for line in lines)  # a run of old
     assert any(line.split() == ["llama-1b", "2048", "13.4", "8.41", "5.06", "residuals", "in", "place:", "off"]
                for line in lines)
+
+
+def test_pipeline_notes_name_near_misses_and_re_propagations(monkeypatch):
+    """What decode.py's table notes under a run: read from a real compile's report."""
+    import fxopt
+    from families import tiny
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    import decode
+    compiled = fxopt.compile(tiny("llama"), max_seq_len=32)
+    assert decode.pipeline_notes(compiled.report()) == []
+    record = next(r for r in compiled.report() if r.name == "fuse")
+    monkeypatch.setitem(record.stats, "propagated_for", "%linear_2")
+    monkeypatch.setitem(record.stats, "near_miss", "gated_act:silu: matched 5 of 5 nodes")
+    assert decode.pipeline_notes(compiled.report()) == ["fuse near miss: gated_act:silu: matched 5 of 5 nodes",
+                                                        "fuse propagated for: %linear_2"]
 
 
 def _chrome_trace(path, names_grids, seed=0):
