@@ -3,6 +3,7 @@
 On the CPU the loop's body runs uncaptured (``capture_graph=False``): the same tensor program the
 CUDA graph replays, checked token for token against generate()'s host loop. On a GPU, captured.
 """
+from contextlib import contextmanager
 from types import SimpleNamespace
 
 import pytest
@@ -92,34 +93,35 @@ def test_every_row_done_stops_the_loop_early(models):
     assert got.shape[1] < 6 + 30
 
 
+@contextmanager
+def _loops_asked_for(compiled):
+    """The batch sizes ``compiled`` asks a greedy loop for, inside the block."""
+    asked, inner = [], compiled.greedy_loop
+    compiled.greedy_loop = lambda batch, device: asked.append(batch) or inner(batch, device)
+    try:
+        yield asked
+    finally:
+        compiled.greedy_loop = inner
+
+
 def test_more_eos_ids_than_the_loop_holds_use_the_host_loop(models):
     host, looped, _ = models
-    asked = []
-    inner = looped.greedy_loop
-    looped.greedy_loop = lambda batch, device: asked.append(batch) or inner(batch, device)
-    try:
-        ids, mask = _prompts(2, 6, seed=5)
-        eos = list(range(VOCAB - MAX_EOS_IDS - 1, VOCAB))
+    ids, mask = _prompts(2, 6, seed=5)
+    eos = list(range(VOCAB - MAX_EOS_IDS - 1, VOCAB))
+    with _loops_asked_for(looped) as asked:
         got = looped.generate(ids, attention_mask=mask, max_new_tokens=5, eos_token_id=eos)
         assert asked == []
         assert torch.equal(got, host.generate(ids, attention_mask=mask, max_new_tokens=5, eos_token_id=eos))
         looped.generate(ids, attention_mask=mask, max_new_tokens=5, eos_token_id=eos[:MAX_EOS_IDS])
         assert asked == [2]
-    finally:
-        looped.greedy_loop = inner
 
 
 def test_sampling_never_asks_for_the_loop(models):
     _, looped, _ = models
-    asked = []
-    inner = looped.greedy_loop
-    looped.greedy_loop = lambda batch, device: asked.append(batch) or inner(batch, device)
-    try:
-        ids, mask = _prompts(2, 6, seed=5)
+    ids, mask = _prompts(2, 6, seed=5)
+    with _loops_asked_for(looped) as asked:
         looped.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=True, seed=0)
-        assert asked == []
-    finally:
-        looped.greedy_loop = inner
+    assert asked == []
 
 
 def test_the_loop_is_off_without_cuda_or_when_the_option_says_so():
