@@ -11,6 +11,7 @@ import torch
 
 import fxopt
 from families import VOCAB, tiny
+from fxopt.kernels.triton_env import INTERPRET
 from fxopt.runtime.cuda_graph import buckets_for, smallest_bucket
 from fxopt.runtime.greedy_loop import MAX_EOS_IDS, GreedyLoop
 
@@ -26,7 +27,7 @@ def _prompts(n, width, seed):
     return ids, mask
 
 
-def _with_uncaptured_loops(compiled, max_batch_size):
+def _with_uncaptured_loops(compiled, max_batch_size, feedback=None):
     """Make ``compiled`` decode greedily through GreedyLoops run without CUDA graphs."""
     runner = SimpleNamespace(gm=compiled.graph_module, signature=compiled.info.signature, park=MAX_SEQ - 1,
                              warmup=0, pool=None)
@@ -35,7 +36,7 @@ def _with_uncaptured_loops(compiled, max_batch_size):
     def greedy_loop(batch, device):
         size = smallest_bucket(buckets, batch, "batch", "max_batch_size")
         if size not in loops:
-            loops[size] = GreedyLoop(runner, size, device, capture_graph=False)
+            loops[size] = GreedyLoop(runner, size, device, capture_graph=False, feedback=feedback)
         return loops[size]
 
     compiled.greedy_loop = greedy_loop
@@ -44,7 +45,6 @@ def _with_uncaptured_loops(compiled, max_batch_size):
 
 @pytest.fixture(scope="module")
 def models():
-    torch.manual_seed(0)
     model = tiny("llama").eval()
     host = fxopt.compile(model, max_batch_size=8, max_seq_len=MAX_SEQ)
     looped = fxopt.compile(model, max_batch_size=8, max_seq_len=MAX_SEQ)
@@ -122,6 +122,22 @@ def test_sampling_never_asks_for_the_loop(models):
     with _loops_asked_for(looped) as asked:
         looped.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=True, seed=0)
     assert asked == []
+
+
+@pytest.mark.skipif(not INTERPRET and not torch.cuda.is_available(), reason="needs the Triton interpreter")
+def test_loop_through_the_triton_kernel_emits_the_host_loops_tokens(models):
+    """The loop's tensors as the feedback kernel takes them (strided logits, the history's row
+    stride, the per-row counts), in the interpreter: the same tokens and stops as the host loop."""
+    from fxopt.kernels.sampling_triton import greedy_feedback_triton
+    host, _, _ = models
+    looped = fxopt.compile(tiny("llama").eval(), max_batch_size=4, max_seq_len=MAX_SEQ)  # the host's weights (seeded)
+    _with_uncaptured_loops(looped, 4, feedback=greedy_feedback_triton)
+    ids, mask = _prompts(3, 6, seed=11)
+    free = host.generate(ids, attention_mask=mask, max_new_tokens=9, eos_token_id=None)
+    assert torch.equal(looped.generate(ids, attention_mask=mask, max_new_tokens=9, eos_token_id=None), free)
+    eos = [int(free[1, 6 + 3])]
+    assert torch.equal(looped.generate(ids, attention_mask=mask, max_new_tokens=9, eos_token_id=eos),
+                       host.generate(ids, attention_mask=mask, max_new_tokens=9, eos_token_id=eos))
 
 
 def test_the_loop_is_off_without_cuda_or_when_the_option_says_so():

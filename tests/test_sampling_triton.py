@@ -140,7 +140,8 @@ def test_greedy_feedback_refuses_what_it_cannot_take():
     state = _on(_loop_state(2, 8, seed=0), DEVICE)
     x = logits(2, 100, torch.float32)
     with pytest.raises(ValueError, match=r"greedy_feedback_: count must be a contiguous torch.int64 tensor"):
-        st_k.greedy_feedback_triton(x, **{**state, "count": state["count"][:1]}, scratch=torch.zeros(2, 2, dtype=torch.long))
+        st_k.greedy_feedback_triton(x, **{**state, "count": state["count"][:1]},
+                                    scratch=torch.zeros(2, 2, dtype=torch.long, device=DEVICE))
     with pytest.raises(ValueError, match=r"scratch must be contiguous int64 \[2, 2\]"):
         st_k.greedy_feedback_triton(x, **state, scratch=torch.zeros(2, 3, dtype=torch.long, device=DEVICE))
 

@@ -38,8 +38,10 @@ class GreedyLoop:
     """The greedy decode step of one batch-size bucket of a ``CUDAGraphRunner``, with its own
     static state (tokens, positions, done-flags, the tokens picked so far)."""
 
-    def __init__(self, runner, bucket: int, device, *, capture_graph: bool = True):
+    def __init__(self, runner, bucket: int, device, *, capture_graph: bool = True, feedback=None):
         self.runner, self.bucket = runner, bucket
+        # the pick and bookkeeping: the op (its Triton kernel on CUDA), or a given implementation
+        self.feedback = feedback or torch.ops.fxopt.greedy_feedback_
         park = runner.park
         self.ids = torch.zeros(bucket, 1, dtype=torch.long, device=device)
         self.pos = torch.full((bucket, 1), park, dtype=torch.long, device=device)
@@ -57,8 +59,8 @@ class GreedyLoop:
 
     def _body(self) -> None:
         logits = self.runner.gm(*self._flat)[0][:, -1]
-        torch.ops.fxopt.greedy_feedback_(logits, self.done, self.pad, self.eos, self.history, self.count,
-                                         self.ids, self.pos, self.advance, self.scratch)
+        self.feedback(logits, self.done, self.pad, self.eos, self.history, self.count, self.ids, self.pos,
+                      self.advance, self.scratch)
 
     def start(self, tokens: torch.Tensor, positions: torch.Tensor, done: torch.Tensor, *,
               pad: int, eos: set[int]) -> None:
