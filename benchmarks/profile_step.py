@@ -176,6 +176,8 @@ def main():
             passes, options = decode.VARIANTS[variant]
             compiled = fxopt.compile(model, passes=passes, max_batch_size=max(args.batches),
                                      max_seq_len=args.prompt + 2 * args.new + 8, **options)
+            for note in decode.pipeline_notes(compiled.report()):
+                print(f"{name} {variant} NOTE {note}", flush=True)
             # INT8: a byte a weight instead of two, plus a 2-byte scale per 128 (the default group).
             scale = 0.5 + 1 / 128 if "int8" in variant else 1.0
             for batch in args.batches:
