@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything fxopt checks and measures on a GPU machine, in one go (logs under $OUT or ./gpu-out).
-#   bash benchmarks/gpu_suite.sh [quick|full|ab|anchors|profile]
+#   bash benchmarks/gpu_suite.sh [quick|full|ab|anchors|profile|int8pdl]
 # ab: the GPU tests of the newest changes, then the A/B docs/performance.md lists as not yet
 # measured (the greedy loop on and off, bf16 and INT8, batch 1 and 8), each under a time limit
 # (under ten minutes in all), then their tables.
@@ -8,6 +8,8 @@
 # torch.compile, batch 1 and 8, prefill 2048), one process per model, under nine minutes.
 # profile: where a decode step goes, kernel by kernel (benchmarks/profile_step.py), bf16 and INT8,
 # batch 1 and 8, both models (about three minutes).
+# int8pdl: the one-row INT8 GEMV's PDL knobs (trigger_steps, preload; off by default, never timed
+# on INT8), fxopt-int8 at batch 1, both models (about four minutes).
 set -uo pipefail
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"; mode=${1:-quick}
 export PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSITY=error PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -26,6 +28,17 @@ fi
 if [ "$mode" = profile ]; then
   timeout 280 python3 benchmarks/profile_step.py --models llama2-7b llama-1b --variants fxopt fxopt-int8 \
     --batches 1 8 2>&1 | tee "$OUT/profile.txt" | grep -v "^\[" | tail -150
+  exit 0
+fi
+if [ "$mode" = int8pdl ]; then
+  for m in llama-1b llama2-7b; do
+    timeout 200 python3 benchmarks/decode.py --no-compile --no-eager --prefill 0 --models $m --batches 1 \
+      --variants fxopt-int8 --int8-gemv block_n=4 trigger_steps=1,preload=1024 trigger_steps=2,preload=1024 \
+      trigger_steps=2,preload=2048 --json "$OUT/int8pdl-$m.json" > "$OUT/int8pdl-$m.txt" 2>&1
+  done
+  for m in llama-1b llama2-7b; do
+    [ -f "$OUT/int8pdl-$m.json" ] && python3 benchmarks/decode.py --table "$OUT/int8pdl-$m.json"
+  done
   exit 0
 fi
 if [ "$mode" = ab ]; then
