@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything fxopt checks and measures on a GPU machine, in one go (logs under $OUT or ./gpu-out).
-#   bash benchmarks/gpu_suite.sh [quick|full|ab|anchors|profile|int8pdl]
+#   bash benchmarks/gpu_suite.sh [quick|full|ab|anchors|profile|prefill|int8pdl]
 # ab: the GPU tests of the newest changes, then the A/B docs/performance.md lists as not yet
 # measured (the greedy loop on and off, bf16 and INT8, batch 1 and 8), each under a time limit
 # (under ten minutes in all), then their tables.
@@ -8,6 +8,8 @@
 # torch.compile, batch 1 and 8, prefill 2048), one process per model, under nine minutes.
 # profile: where a decode step goes, kernel by kernel (benchmarks/profile_step.py), bf16 and INT8,
 # batch 1 and 8, both models (about three minutes).
+# prefill: where a 2048-token prefill goes (the 7B shape, bf16; profile_step.py --prefill), kernels
+# summed by name against the matmul floor (about two minutes).
 # int8pdl: the one-row INT8 GEMV's PDL knobs (trigger_steps, preload; off by default, never timed
 # on INT8), fxopt-int8 at batch 1, both models (about four minutes).
 set -uo pipefail
@@ -28,6 +30,11 @@ fi
 if [ "$mode" = profile ]; then
   timeout 280 python3 benchmarks/profile_step.py --models llama2-7b llama-1b --variants fxopt fxopt-int8 \
     --batches 1 8 2>&1 | tee "$OUT/profile.txt" | grep -v "^\[" | tail -150
+  exit 0
+fi
+if [ "$mode" = prefill ]; then
+  timeout 280 python3 benchmarks/profile_step.py --models llama2-7b --variants fxopt --batches 1 --new 8 \
+    --prefill 2048 2>&1 | tee "$OUT/prefill-profile.txt" | grep -v "^\[" | tail -60
   exit 0
 fi
 if [ "$mode" = int8pdl ]; then

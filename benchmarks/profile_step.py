@@ -15,6 +15,10 @@ in the same run.
 
 The table says which kernels sit furthest above the bytes they read, and how much of a step is
 kernel edges (the gaps) rather than kernels. ``--trace DIR`` also writes each run's Chrome trace.
+
+``--prefill N`` also profiles one prefill of N tokens (batch 1) per variant: its kernels summed by
+name, the largest first, their share of the GPU's busy time, and the busy time and the prefill's
+span against the matmul floor (2 x parameters x N over the bf16 GEMM rate measured in the run).
 """
 from __future__ import annotations
 
@@ -116,6 +120,49 @@ def profile_run(compiled, vocab: int, batch: int, prompt: int, new: int, n_layer
     return decode_steps(kernel_events(path), n_layers)
 
 
+def kernel_totals(kernels: list[dict]) -> list[tuple[str, int, float]]:
+    """(name, launches, total µs) per kernel name, the largest total first."""
+    totals: dict[str, list] = {}
+    for k in kernels:
+        entry = totals.setdefault(k["name"], [0, 0.0])
+        entry[0] += 1
+        entry[1] += k["dur"]
+    return sorted(((name, n, us) for name, (n, us) in totals.items()), key=lambda t: -t[2])
+
+
+def prefill_report(name: str, system: str, tokens: int, kernels: list[dict], floor_us: float, top: int = 12) -> str:
+    """The kernels of one prefill by total time, and the prefill against its matmul floor."""
+    busy = sum(k["dur"] for k in kernels)
+    span = kernels[-1]["ts"] + kernels[-1]["dur"] - kernels[0]["ts"] if kernels else 0.0
+    lines = [f"\n{name} {system} prefill of {tokens} tokens: {len(kernels)} kernels",
+             f"{'kernel':<70} {'n':>5} {'us':>10} {'share':>7}"]
+    rows = kernel_totals(kernels)
+    for kname, n, us in rows[:top]:
+        lines.append(f"{kname[:70]:<70} {n:>5} {us:>10.1f} {100 * us / busy:>6.1f}%")
+    if len(rows) > top:
+        rest = rows[top:]
+        lines.append(f"{f'({len(rest)} other kernels)':<70} {sum(n for _, n, _ in rest):>5} "
+                     f"{sum(us for _, _, us in rest):>10.1f} {100 * sum(us for _, _, us in rest) / busy:>6.1f}%")
+    lines.append(f"busy {busy / 1e3:.2f} ms, span {span / 1e3:.2f} ms; matmul floor {floor_us / 1e3:.2f} ms "
+                 f"({span / floor_us:.2f}x)")
+    return "\n".join(lines)
+
+
+def profile_prefill(compiled, vocab: int, tokens: int, trace_dir: str) -> list[dict]:
+    """The kernels of one warm prefill of ``tokens`` tokens (``generate`` of one token), in order."""
+    from torch.profiler import ProfilerActivity, profile
+    ids = torch.randint(0, vocab, (1, tokens))
+    for _ in range(2):  # the prefill graph captured, the allocator settled
+        compiled.generate(ids, max_new_tokens=1, eos_token_id=None)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        compiled.generate(ids, max_new_tokens=1, eos_token_id=None)
+        torch.cuda.synchronize()
+    path = os.path.join(trace_dir, f"trace-prefill{tokens}.json")
+    prof.export_chrome_trace(path)
+    return kernel_events(path)
+
+
 def mean_step(steps: list[list[dict]]) -> list[dict]:
     """Kernel by kernel, durations and gaps averaged over the steps."""
     return [dict(kernels[0], dur=statistics.fmean(k["dur"] for k in kernels),
@@ -159,6 +206,8 @@ def main():
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--new", type=int, default=16, help="tokens of the profiled generate")
     parser.add_argument("--trace", help="folder for the Chrome traces (default: a temporary one)")
+    parser.add_argument("--prefill", type=int, default=0, metavar="N",
+                        help="also profile one prefill of N tokens per variant (0: none)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU: the profile times GPU kernels")
@@ -189,6 +238,16 @@ def main():
                 os.makedirs(trace_dir, exist_ok=True)
                 steps = profile_run(compiled, cfg.vocab_size, batch, args.prompt, args.new, n_layers, trace_dir)
                 print(report(name, variant, batch, steps, layer_floor, step_floor, n_layers), flush=True)
+            if args.prefill:  # compiled again with a cache just long enough, as decode.py's prefill
+                del compiled
+                compiled = fxopt.compile(model, passes=passes, max_batch_size=1, max_seq_len=args.prefill + 8,
+                                         **options)
+                trace_dir = os.path.join(args.trace, f"{name}-{variant}") if args.trace else tempfile.mkdtemp()
+                os.makedirs(trace_dir, exist_ok=True)
+                params = sum(p.numel() for n, p in model.named_parameters() if "embed" not in n)
+                floor = 2 * params * args.prefill / (ceil["bf16_gemm_TFLOPs"] * 1e12) * 1e6
+                kernels = profile_prefill(compiled, cfg.vocab_size, args.prefill, trace_dir)
+                print(prefill_report(name, variant, args.prefill, kernels, floor), flush=True)
             del compiled
             gc.collect()
             torch.cuda.empty_cache()

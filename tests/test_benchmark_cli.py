@@ -170,3 +170,25 @@ def test_profile_step_says_when_no_step_repeats(tmp_path):
     _chrome_trace(tmp_path / "trace.json", [(f"k{i}", (1, 1, 1)) for i in range(60)])
     with pytest.raises(RuntimeError, match="no repeating decode step"):
         profile_step.decode_steps(profile_step.kernel_events(str(tmp_path / "trace.json")), 4)
+
+
+def test_profile_step_sums_a_prefills_kernels_by_name(tmp_path):
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import profile_step
+    names = [("gemm", (64, 32, 1)), ("norm", (2048, 1, 1)), ("gemm", (64, 86, 1)), ("attention", (32, 16, 1))] * 3
+    kernels = _chrome_trace(tmp_path / "trace.json", names + [(f"odd{i}", (1, 1, 1)) for i in range(3)])
+    events = profile_step.kernel_events(str(tmp_path / "trace.json"))
+    totals = profile_step.kernel_totals(events)
+    expected = {}
+    for k in kernels:
+        n, us = expected.get(k["name"], (0, 0.0))
+        expected[k["name"]] = (n + 1, us + k["dur"])
+    assert {name: (n, pytest.approx(us)) for name, n, us in totals} == expected
+    assert [us for _, _, us in totals] == sorted((us for _, _, us in totals), reverse=True)
+    assert totals[0][:2] == ("gemm", 6)
+    busy = sum(k["dur"] for k in kernels)
+    span = kernels[-1]["ts"] + kernels[-1]["dur"] - kernels[0]["ts"]
+    text = profile_step.prefill_report("m", "fxopt", 2048, events, floor_us=span / 2, top=3)
+    assert text.strip().splitlines()[1].split() == ["kernel", "n", "us", "share"]
+    assert "(3 other kernels)" in text  # 6 names, 3 shown
+    assert f"busy {busy / 1e3:.2f} ms, span {span / 1e3:.2f} ms" in text and "(2.00x)" in text
