@@ -116,6 +116,18 @@ def test_more_eos_ids_than_the_loop_holds_use_the_host_loop(models):
         assert asked == [2]
 
 
+def test_a_single_new_token_never_asks_for_the_loop(models):
+    """The prefill picks the first token: a loop (a CUDA-graph capture on a GPU) only for a second."""
+    host, looped, _ = models
+    ids, mask = _prompts(3, 6, seed=2)
+    with _loops_asked_for(looped) as asked:
+        got = looped.generate(ids, attention_mask=mask, max_new_tokens=1)
+        assert asked == []
+        looped.generate(ids, attention_mask=mask, max_new_tokens=2)
+        assert asked == [3]
+    assert torch.equal(got, host.generate(ids, attention_mask=mask, max_new_tokens=1))
+
+
 def test_sampling_never_asks_for_the_loop(models):
     _, looped, _ = models
     ids, mask = _prompts(2, 6, seed=5)

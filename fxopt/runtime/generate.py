@@ -179,22 +179,21 @@ def _decode(model, input_ids, attention_mask=None, *, check_every: int, max_new_
     position = lengths[:, None].clone()
     tokens = sampling.pick(next_logits, generator)
     timer.prefill_done()
-    # Greedy steps on a CUDA graph pick and feed back their own tokens (greedy_loop.py).
-    loop = None
-    if not sampling.do_sample and len(req.eos) <= MAX_EOS_IDS:
-        loop = model.greedy_loop(batch, device)
+    loop = None  # greedy steps on a CUDA graph pick and feed back their own tokens (greedy_loop.py)
     for step in range(req.max_new_tokens):
         # Without an end-of-sequence token no row can finish early: no masking, no sync to ask.
-        if eos is not None and (loop is None or step == 0):
+        if eos is not None and loop is None:
             tokens = torch.where(done, pad, tokens)  # finished rows emit padding
             done |= torch.isin(tokens, eos)
         yield tokens
         if step == req.max_new_tokens - 1 or (eos is not None and (step + 1) % check_every == 0 and bool(done.all())):
             break
-        if loop is not None:
-            if step == 0:
+        if step == 0 and not sampling.do_sample and len(req.eos) <= MAX_EOS_IDS:
+            loop = model.greedy_loop(batch, device)
+            if loop is not None:
                 loop.start(tokens, position, done, pad=req.pad, eos=req.eos)
                 done = loop.done[:batch]
+        if loop is not None:
             loop.step()
             tokens = loop.tokens(step)[:batch]
         else:
