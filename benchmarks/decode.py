@@ -373,13 +373,12 @@ def run_model(name, args, ceil, rows, prefills):
         quant_triton.FOLDED_MIN_BLOCK_N = DEFAULT_FOLDED_BLOCK_N
         gc.collect()
         torch.cuda.empty_cache()
-    flops = 2 * sum(p.numel() for n, p in model.named_parameters() if "embed" not in n) * args.prefill
     if args.prefill:
         for in_place in args.prefill_in_place or [None]:
             ms = _or_nan(fxopt_prefill, model, ids.cpu(), in_place != "off")
             prefills.append(dict(model=name, tokens=args.prefill, hf_eager_ms=round(hf_prefill, 2),
                                  fxopt_ms=round(ms, 2), in_place=in_place,
-                                 matmul_floor_ms=round(flops / (ceil["bf16_gemm_TFLOPs"] * 1e12) * 1e3, 2)))
+                                 matmul_floor_ms=round(matmul_floor_ms(model, args.prefill, ceil), 2)))
             print(prefills[-1], flush=True)
             save(args, ceil, rows, prefills)
 
@@ -397,6 +396,12 @@ def run_model(name, args, ceil, rows, prefills):
     del model
     gc.collect()
     torch.cuda.empty_cache()
+
+
+def matmul_floor_ms(model, tokens: int, ceil: dict) -> float:
+    """A prefill's floor: 2 x parameters (the embedding's aside) x tokens at the measured GEMM rate."""
+    params = sum(p.numel() for n, p in model.named_parameters() if "embed" not in n)
+    return 2 * params * tokens / (ceil["bf16_gemm_TFLOPs"] * 1e12) * 1e3
 
 
 def pipeline_notes(report) -> list[str]:

@@ -227,6 +227,8 @@ def main():
                                      max_seq_len=args.prompt + 2 * args.new + 8, **options)
             for note in decode.pipeline_notes(compiled.report()):
                 print(f"{name} {variant} NOTE {note}", flush=True)
+            trace_dir = os.path.join(args.trace, f"{name}-{variant}") if args.trace else tempfile.mkdtemp()
+            os.makedirs(trace_dir, exist_ok=True)
             # INT8: a byte a weight instead of two, plus a 2-byte scale per 128 (the default group).
             scale = 0.5 + 1 / 128 if "int8" in variant else 1.0
             for batch in args.batches:
@@ -234,18 +236,13 @@ def main():
                 layer_floor = (layer_weight_bytes(model) * scale + kv / n_layers) / bw
                 head = cfg.vocab_size * cfg.hidden_size * 2
                 step_floor = layer_floor * n_layers + head / bw
-                trace_dir = os.path.join(args.trace, f"{name}-{variant}") if args.trace else tempfile.mkdtemp()
-                os.makedirs(trace_dir, exist_ok=True)
                 steps = profile_run(compiled, cfg.vocab_size, batch, args.prompt, args.new, n_layers, trace_dir)
                 print(report(name, variant, batch, steps, layer_floor, step_floor, n_layers), flush=True)
             if args.prefill:  # compiled again with a cache just long enough, as decode.py's prefill
                 del compiled
                 compiled = fxopt.compile(model, passes=passes, max_batch_size=1, max_seq_len=args.prefill + 8,
                                          **options)
-                trace_dir = os.path.join(args.trace, f"{name}-{variant}") if args.trace else tempfile.mkdtemp()
-                os.makedirs(trace_dir, exist_ok=True)
-                params = sum(p.numel() for n, p in model.named_parameters() if "embed" not in n)
-                floor = 2 * params * args.prefill / (ceil["bf16_gemm_TFLOPs"] * 1e12) * 1e6
+                floor = decode.matmul_floor_ms(model, args.prefill, ceil) * 1e3
                 kernels = profile_prefill(compiled, cfg.vocab_size, args.prefill, trace_dir)
                 print(prefill_report(name, variant, args.prefill, kernels, floor), flush=True)
             del compiled

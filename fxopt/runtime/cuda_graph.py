@@ -104,9 +104,7 @@ class CUDAGraphRunner:
         return captured.output[:batch]
 
     def _capture(self, size: int, device) -> _Captured | None:
-        ids = torch.zeros(size, 1, dtype=torch.long, device=device)
-        pos = torch.full((size, 1), self.park, dtype=torch.long, device=device)
-        flat = self.signature.flatten((), {"input_ids": ids, "position_ids": pos})
+        ids, pos, flat = parked_inputs(self.signature, size, self.park, device)
         try:
             graph, out = capture(lambda: self.gm(*flat), warmup=self.warmup, pool=self.pool)
         except Exception as e:  # noqa: BLE001 - name the culprit, or fall back if asked to
@@ -116,6 +114,14 @@ class CUDAGraphRunner:
         captured = _Captured(graph, ids, pos, out[0])
         self.graphs[size] = captured
         return captured
+
+
+def parked_inputs(signature, size: int, park: int, device):
+    """Static decode-step inputs for ``size`` rows, all parked: (input_ids [size, 1] zeros,
+    position_ids [size, 1] at slot ``park``, the graph's flat arguments over them)."""
+    ids = torch.zeros(size, 1, dtype=torch.long, device=device)
+    pos = torch.full((size, 1), park, dtype=torch.long, device=device)
+    return ids, pos, signature.flatten((), {"input_ids": ids, "position_ids": pos})
 
 
 def capture_failed(what: str, error: Exception, gm: fx.GraphModule, flat, fallback: bool, instead: str) -> None:

@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 
 from ..kernels import sampling  # noqa: F401 - registers torch.ops.fxopt.greedy_feedback_
-from .cuda_graph import capture, capture_failed
+from .cuda_graph import capture, capture_failed, parked_inputs
 
 MAX_EOS_IDS = 8  # end-of-sequence ids a loop compares against; requests with more use the host loop
 NO_TOKEN = -1    # fills unused eos slots: argmax never returns it
@@ -43,8 +43,7 @@ class GreedyLoop:
         # the pick and bookkeeping: the op (its Triton kernel on CUDA), or a given implementation
         self.feedback = feedback or torch.ops.fxopt.greedy_feedback_
         park = runner.park
-        self.ids = torch.zeros(bucket, 1, dtype=torch.long, device=device)
-        self.pos = torch.full((bucket, 1), park, dtype=torch.long, device=device)
+        self.ids, self.pos, self._flat = parked_inputs(runner.signature, bucket, park, device)
         self.advance = torch.zeros(bucket, 1, dtype=torch.long, device=device)
         self.done = torch.ones(bucket, dtype=torch.bool, device=device)
         self.pad = torch.zeros(bucket, dtype=torch.long, device=device)
@@ -52,7 +51,6 @@ class GreedyLoop:
         self.history = torch.zeros(bucket, park + 1, dtype=torch.long, device=device)
         self.count = torch.zeros(bucket, dtype=torch.long, device=device)
         self.scratch = torch.zeros(2, bucket, dtype=torch.long, device=device)  # the kernel's; it stays zero
-        self._flat = runner.signature.flatten((), {"input_ids": self.ids, "position_ids": self.pos})
         self.graph = None
         if capture_graph:
             self.graph, _ = capture(self._body, warmup=runner.warmup, pool=runner.pool)
@@ -104,9 +102,7 @@ def greedy_loop(runner, batch: int, device) -> GreedyLoop | None:
         try:
             loops[size] = GreedyLoop(runner, size, device)
         except Exception as e:  # noqa: BLE001 - name the culprit, or fall back if asked to
-            ids = torch.zeros(size, 1, dtype=torch.long, device=device)
-            pos = torch.full((size, 1), runner.park, dtype=torch.long, device=device)
-            flat = runner.signature.flatten((), {"input_ids": ids, "position_ids": pos})
+            _, _, flat = parked_inputs(runner.signature, size, runner.park, device)
             capture_failed(f"greedy decode step for batch bucket {size}", e, runner.gm, flat,
                            runner.fallback, "the host-side decode loop")
             loops[size] = None
