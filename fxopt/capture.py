@@ -17,6 +17,7 @@ A causal LM from transformers is captured *stateless*: ``input_ids`` and explici
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import linecache
 import os
@@ -28,6 +29,7 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
+from . import repeated_layers
 from .errors import CaptureError, InputError
 from .ir import TensorSpec, static_dim
 
@@ -160,6 +162,7 @@ class CaptureInfo:
     generation: dict = field(default_factory=dict)  # eos/pad token ids of a causal LM
     example_inputs: dict = field(default_factory=dict)  # name → example value, as captured
     state: dict = field(default_factory=dict)  # written by passes (e.g. the KV cache layout)
+    layers: str = ""  # how a stack of like layers was captured (fxopt.repeated_layers), "" if none
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,7 +171,7 @@ class CaptureInfo:
 
 
 def capture(model: torch.nn.Module, example_inputs: tuple | dict | None = None, *,
-            dynamic: bool = True, dynamic_shapes=None) -> fx.GraphModule:
+            dynamic: bool = True, dynamic_shapes=None, trace_every_layer: bool = False) -> fx.GraphModule:
     """Capture ``model`` into a GraphModule that follows the IR contract (see module docstring).
 
     ``example_inputs`` is a tuple of positional arguments or a dict of keyword arguments of
@@ -177,6 +180,11 @@ def capture(model: torch.nn.Module, example_inputs: tuple | dict | None = None, 
     With ``dynamic=True`` every dimension that the model lets vary (batch, sequence) stays
     symbolic, so one graph serves every batch size and length; ``dynamic_shapes`` overrides that
     with torch.export's own spec.
+
+    A stack of layers built alike (a transformer's decoder layers) is traced three layers deep
+    and the third layer's subgraph copied for the others (``fxopt.repeated_layers``: the same
+    graph, a fraction of the time); ``trace_every_layer=True`` traces them all.
+    ``gm.meta["fxopt"].layers`` says which was done, and why.
     """
     if not isinstance(model, torch.nn.Module):
         raise CaptureError(f"fxopt.capture needs a torch.nn.Module, got {type(model).__name__}")
@@ -184,6 +192,9 @@ def capture(model: torch.nn.Module, example_inputs: tuple | dict | None = None, 
     kind = "causal_lm" if is_causal_lm(model) else "module"
     forward = inspect.signature(model.forward)
 
+    stack = None if trace_every_layer else repeated_layers.find_stack(model)
+    why_not = repeated_layers.unlike_layers(model, stack) if stack else None
+    copy_layers = stack is not None and why_not is None
     defaulted = example_inputs is None
     attempts = DEFAULT_SHAPES if defaulted else [None]
     for shape in attempts:
@@ -192,10 +203,13 @@ def capture(model: torch.nn.Module, example_inputs: tuple | dict | None = None, 
         if shapes is None:
             shapes = {k: _auto_dims(v) if dynamic else None for k, v in kwargs.items()}
         try:
-            with torch.no_grad():
-                ep = torch.export.export(model, (), kwargs, dynamic_shapes=shapes, strict=False)
-        except Exception as e:  # noqa: BLE001 - every failure becomes an error that says where and what to do
-            raise CaptureError(_explain_failure(model_name, e)) from e
+            ep = _export(model, kwargs, shapes, stack if copy_layers else None)
+        except CaptureError as e:
+            if not copy_layers:
+                raise
+            # the model cut short did not trace (a model may rely on its depth): trace it whole
+            why_not, copy_layers = f"cut to {repeated_layers.TRACED} layers it did not trace: {str(e).splitlines()[0]}", False
+            ep = _export(model, kwargs, shapes, None)
         # torch.export may pin a dim to its example size (an accidental equality with a constant of
         # the model); with default inputs, try other sizes before giving up on a symbolic batch/seq.
         if not (defaulted and dynamic and _specialized(ep, "input_ids")):
@@ -205,6 +219,11 @@ def capture(model: torch.nn.Module, example_inputs: tuple | dict | None = None, 
                            f"fixed input_ids to {_specialized(ep, 'input_ids')}; pass example_inputs and dynamic_shapes")
 
     gm = _unlift(ep)
+    if copy_layers:
+        why_not = repeated_layers.stamp(gm, stack)
+        if why_not:  # the cut model's graph shows the layers differ: trace them all after all
+            ep = _export(model, kwargs, shapes, None)
+            gm = _unlift(ep)
     placeholders = [(n.name, spec) for n, spec in zip(gm.graph.find_nodes(op="placeholder"), gm.meta["fxopt_inputs"])]
     signature = Signature(
         forward=forward, input_names=list(kwargs), in_spec=ep.call_spec.in_spec, out_spec=ep.call_spec.out_spec,
@@ -213,8 +232,28 @@ def capture(model: torch.nn.Module, example_inputs: tuple | dict | None = None, 
         signature.fillers["position_ids"] = default_position_ids
     gm.meta["fxopt"] = CaptureInfo(
         signature=signature, model_class=model_name, kind=kind, config=getattr(model, "config", None),
-        generation=_generation_ids(model), example_inputs=kwargs)
+        generation=_generation_ids(model), example_inputs=kwargs, layers=_layers_note(stack, why_not, trace_every_layer))
     return gm
+
+
+def _export(model, kwargs: dict, shapes, stack) -> torch.export.ExportedProgram:
+    """torch.export of the model (cut to its first layers when ``stack`` is given), errors explained."""
+    try:
+        with torch.no_grad(), (repeated_layers.cut_to(model, stack) if stack else contextlib.nullcontext()):
+            return torch.export.export(model, (), kwargs, dynamic_shapes=shapes, strict=False)
+    except Exception as e:  # noqa: BLE001 - every failure becomes an error that says where and what to do
+        raise CaptureError(_explain_failure(type(model).__name__, e)) from e
+
+
+def _layers_note(stack, why_not: str | None, trace_every_layer: bool) -> str:
+    if trace_every_layer:
+        return "every layer traced (trace_every_layer=True)"
+    if stack is None:
+        return ""
+    depth = len(stack.layers)
+    if why_not:
+        return f"{stack.path}: all {depth} layers traced ({why_not})"
+    return f"{stack.path}: {repeated_layers.TRACED} of {depth} layers traced, {depth - repeated_layers.TRACED} copied"
 
 
 def _unlift(ep: torch.export.ExportedProgram) -> fx.GraphModule:

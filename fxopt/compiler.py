@@ -8,6 +8,8 @@ Example::
 """
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.utils._pytree as pytree
 
@@ -38,7 +40,8 @@ def check_tp(passes: list, tp: int) -> None:
 
 
 def compile(model: torch.nn.Module, passes=None, *, example_inputs=None, dump_dir=None, verify: bool = False,
-            disable=None, stop_after=None, dynamic: bool = True, progress: bool = False, **options) -> CompiledModel:
+            disable=None, stop_after=None, dynamic: bool = True, progress: bool = False,
+            trace_every_layer: bool = False, **options) -> CompiledModel:
     """Compile ``model`` with a pipeline of passes.
 
     ``passes``: names (see ``fxopt.available_passes()``), Pass objects or functions
@@ -48,6 +51,8 @@ def compile(model: torch.nn.Module, passes=None, *, example_inputs=None, dump_di
     ``verify``: run the graph after each pass and compare with the eager model.
     ``disable``/``stop_after``: skip passes by name / stop after one, to bisect.
     ``progress``: show a progress bar over the passes on stderr.
+    ``trace_every_layer``: trace every layer of a stack of like layers instead of three, copying
+    the third for the rest (``fxopt.repeated_layers``; the report's capture line says which).
     ``options``: pass options, e.g. ``max_batch_size``, ``max_seq_len`` for ``kv_cache``, ``tp`` for
     ``shard`` (tensor parallelism: run under torchrun after ``fxopt.distributed.setup()``).
     """
@@ -58,8 +63,11 @@ def compile(model: torch.nn.Module, passes=None, *, example_inputs=None, dump_di
                           progress=progress)  # before capture: a bad pipeline fails at once
     model_was_training = model.training
     model.eval()
-    gm = capture(model, example_inputs, dynamic=dynamic)
+    started = time.perf_counter()
+    gm = capture(model, example_inputs, dynamic=dynamic, trace_every_layer=trace_every_layer)
     info = gm.meta["fxopt"]
+    seconds = manager.report.capture_seconds = time.perf_counter() - started
+    manager.report.capture = f"capture: {seconds:.1f}s, {len(gm.graph.nodes)} nodes" + (f"; {info.layers}" if info.layers else "")
     ctx = CompileContext(info=info, options=dict(options))
     inputs = reference = None
     if verify and any(p.device.type == "meta" for p in model.parameters()):

@@ -192,3 +192,27 @@ def test_profile_step_sums_a_prefills_kernels_by_name(tmp_path):
     assert text.strip().splitlines()[1].split() == ["kernel", "n", "us", "share"]
     assert "(3 other kernels)" in text  # 6 names, 3 shown
     assert f"busy {busy / 1e3:.2f} ms, span {span / 1e3:.2f} ms" in text and "(2.00x)" in text
+
+
+def test_compile_time_times_both_ways_of_capturing_the_same_graph(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    import compile_time
+    import transformers as T
+    T.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=5, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=128).save_pretrained(tmp_path)
+    copied, whole = compile_time.one(str(tmp_path), False), compile_time.one(str(tmp_path), True)
+    assert copied["layers"] == "model.layers: 3 of 5 layers traced, 2 copied"
+    assert whole["layers"] == "every layer traced (trace_every_layer=True)"
+    assert copied["nodes"] == whole["nodes"] and copied.keys() == whole.keys()
+    assert all(copied[k] > 0 for k in ("total", "capture", "canonicalize", "fuse", "fold_linear"))
+    assert copied["total"] > copied["capture"] + copied["fuse"]
+    rows = [dict(model="tiny", way=way, median=r) for way, r in (("copied layers", copied), ("every layer traced", whole))]
+    text = compile_time.table(rows)
+    assert text.splitlines()[0].split()[:5] == ["model", "capture", "way", "total", "capture"]
+    assert "tiny       copied layers" in text and "tiny       every layer traced" in text
+
+
+def test_compile_time_refuses_an_unknown_model():
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "compile_time.py"), "--models", "gpt5"],
+                            capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT), timeout=120)
+    assert result.returncode == 2 and "unknown model 'gpt5'" in result.stderr

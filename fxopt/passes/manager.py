@@ -54,7 +54,11 @@ class PassRecord:
 
 
 class Report(list):
-    """The per-pass table of a compilation (a list of :class:`PassRecord`); prints as a table."""
+    """The per-pass table of a compilation (a list of :class:`PassRecord`); prints as a table,
+    under a line on the capture before the passes (``capture``, set by ``fxopt.compile``)."""
+
+    capture: str = ""
+    capture_seconds: float | None = None
 
     def __str__(self) -> str:
         # with an approximate pass verified, two more columns: the error against the reference
@@ -65,7 +69,8 @@ class Report(list):
         if steps:
             head += f" {'step err':>9} {'bound':>10}"
         head += "  stats"
-        lines = [head, "-" * len(head)]
+        lines = [self.capture] if self.capture else []
+        lines += [head, "-" * len(head)]
         for r in self:
             stats = ", ".join(f"{k}={v}" for k, v in r.stats.items())
             if r.skipped:
