@@ -79,7 +79,7 @@ def test_int8_gemv_rows_picks_the_entry_the_settings_override(monkeypatch):
 
 def test_table_reprints_a_saved_run(tmp_path):
     rows = [dict(model="llama-1b", system="fxopt{trigger_steps=1,preload=1024}+ap64", batch=1, ms_per_token=0.913,
-                 tokens_per_s=1095.3, floor_ms=0.58, pct_of_floor=63.5, compile_s=7.9, peak_GB=3.1),
+                 tokens_per_s=1095.3, floor_ms=0.58, pct_of_floor=63.5, compile_s=7.9, peak_GB=3.1, ready_s=11.2),
             dict(model="llama-1b", system="fxopt-int8", error="RuntimeError('out of memory')"),
             dict(model="llama-1b", system="fxopt", batch=8, ms_per_token=1.406, tokens_per_s=5690.7, floor_ms=0.829,
                  pct_of_floor=59.0, compile_s=9.2, peak_GB=4.0,
@@ -93,7 +93,9 @@ def test_table_reprints_a_saved_run(tmp_path):
     lines = result.stdout.splitlines()
     assert lines[0] == "gpu NVIDIA H200, date 2026-12-07"
     row = next(line for line in lines if "+ap64" in line).split()
-    assert row[:4] == ["llama-1b", "fxopt{trigger_steps=1,preload=1024}+ap64", "1", "0.913"]
+    assert row == ["llama-1b", "fxopt{trigger_steps=1,preload=1024}+ap64", "1", "0.913", "1095.3", "0.580", "63.5%",
+                   "7.9", "11.2", "3.1"]
+    assert next(line for line in lines if " fxopt " in line).split()[-3:] == ["9.2", "-", "4.0"]  # a run of old: no ready
     assert any("fxopt-int8" in line and "ERROR" in line and "out of memory" in line for line in lines)
     assert [line.split(None, 3) for line in lines if "NOTE" in line] == [
         ["llama-1b", "fxopt", "NOTE", "fuse near miss: gated_act:silu: matched 5 of 5 nodes; stopped at aten.mul"]]
