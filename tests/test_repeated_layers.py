@@ -234,3 +234,10 @@ def test_shallow_stacks_and_shared_layers_are_traced_as_they_are():
     gm = fxopt.capture(model, (x,))
     assert gm.meta["fxopt"].layers == ""  # one layer object four times: not a stack of like layers
     torch.testing.assert_close(gm(x)[0], model(x), rtol=1e-6, atol=1e-6)
+
+
+def test_the_report_and_the_dumps_say_how_the_layers_were_captured(tmp_path):
+    compiled = fxopt.compile(tiny("gpt2", layers=4), passes=["canonicalize", "dce"], dump_dir=tmp_path)
+    first = str(compiled.report()).splitlines()[0]
+    assert first.startswith("capture: ") and first.endswith("nodes; transformer.h: 3 of 4 layers traced, 1 copied")
+    assert "captured GPT2LMHeadModel; transformer.h: 3 of 4 layers traced, 1 copied" in (tmp_path / "index.html").read_text()

@@ -91,6 +91,13 @@ class Report(list):
         return [r.__dict__.copy() for r in self]
 
 
+def _capture_note(info) -> str | None:
+    """The dump's line on the capture step: the model, and how its layers were traced."""
+    if info is None:
+        return None
+    return f"captured {info.model_class}" + (f"; {info.layers}" if getattr(info, "layers", "") else "")
+
+
 def _count(gm: fx.GraphModule) -> int:
     return len(gm.graph.nodes)
 
@@ -123,7 +130,7 @@ class PassManager:
         ``reference`` the eager model's flat outputs on them."""
         self._step_reference, self._step_name, self._bounds = reference, "eager", []
         if self.dumper:
-            self.dumper.dump(0, "capture", gm, changed=True, note=f"captured {ctx.info.model_class}" if ctx.info else None)
+            self.dumper.dump(0, "capture", gm, changed=True, note=_capture_note(ctx.info))
         bar = tqdm(total=len(self.passes), desc="passes", unit="pass", file=sys.stderr, disable=not self.progress,
                    leave=False)
         with bar:
