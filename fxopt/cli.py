@@ -66,6 +66,9 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--verify", action="store_true",
                      help="check every pass numerically against the eager model (slower)")
     gen.add_argument("--report", action="store_true", help="print the per-pass compile report")
+    gen.add_argument("--trace-every-layer", action="store_true",
+                     help="trace every decoder layer at capture (default: three, the third copied for the rest; "
+                          "the report's capture line says which was done)")
     gen.add_argument("--quiet", action="store_true", help="no progress bars or timing lines")
     gen.add_argument("--tp", type=int, default=1,
                      help="tensor-parallel ranks: launch with 'torchrun --nproc-per-node N -m fxopt generate ... "
@@ -126,7 +129,7 @@ def _generate(args) -> int:
     t0 = time.perf_counter()
     compiled = fxopt.compile(model, passes=passes, dump_dir=args.dump_dir, verify=args.verify,
                              max_batch_size=ids.shape[0], max_seq_len=args.max_seq_len or ids.shape[1] + args.max_new_tokens,
-                             progress=not args.quiet)
+                             progress=not args.quiet, trace_every_layer=args.trace_every_layer)
     _log(args, f"compiled in {time.perf_counter() - t0:.1f}s" +
          (f"; graph dumps in {args.dump_dir}/index.html" if args.dump_dir else ""))
     return _run(args, compiled, tokenizer, ids, mask, pad, device)
@@ -174,7 +177,7 @@ def _generate_tp(args, rank: int, dtype) -> int:
     t0 = time.perf_counter()
     compiled = fxopt.compile_from_checkpoint(
         path, passes, dtype=dtype, device=device, progress=not args.quiet, tp=args.tp, dump_dir=dump_dir,
-        tp_allreduce=args.tp_allreduce,
+        tp_allreduce=args.tp_allreduce, trace_every_layer=args.trace_every_layer,
         max_batch_size=ids.shape[0], max_seq_len=args.max_seq_len or ids.shape[1] + args.max_new_tokens)
     _log(args, f"rank 0 of {args.tp}: compiled and loaded its shard in {time.perf_counter() - t0:.1f}s "
                f"({compiled.info.state['checkpoint']})")

@@ -64,7 +64,7 @@ def test_cli_help_explains_every_option(capsys):
         cli_main(["generate", "--help"])
     out, _ = capsys.readouterr()
     for option in ("--prompt", "--model", "--max-new-tokens", "--passes", "--dtype", "--device", "--dump-dir",
-                   "--chat", "--do-sample", "--top-p", "--seed"):
+                   "--chat", "--do-sample", "--top-p", "--seed", "--trace-every-layer"):
         assert option in out
     cli_main([])
     out, _ = capsys.readouterr()
