@@ -20,6 +20,8 @@ supported family). The conditions, checked before and after the cut export:
   shapes and plain attributes (a sliding window, GPT-2's per-layer attention scale, a dense-or-MoE
   choice), no forward hooks, the same entry in every per-layer list of the config
   (``layer_types``), and no config flag asking for every layer's output (``output_hidden_states``);
+- cut short, the model runs layers 0 to 2 and no other (a forward may reach its layers by some
+  other way than the list);
 - traced, layers 1 and 2 are the same subgraph, op for op, reading the same nodes from outside the
   stack but for the hidden state, which catches a layer computing with its own index; and each
   layer hands one value on, to the next layer only. (Layer 0 may differ: it reads the embedding.)
@@ -144,12 +146,19 @@ def _per_layer_lists(config, depth: int) -> dict:
 
 @contextmanager
 def cut_to(model: torch.nn.Module, stack: LayerStack, depth: int = TRACED):
-    """The model with only its first ``depth`` layers (and a config that says so) while inside."""
+    """The model with only its first ``depth`` layers (and a config that says so) while inside.
+
+    Raises ValueError on leaving when the model ran a later layer all the same (a forward that
+    reaches the layers some other way than through the list cut short) or skipped one of layers
+    1 to ``depth - 1``: its graph would not be the cut model's."""
     owner_path, _, name = stack.path.rpartition(".")
     owner = model.get_submodule(owner_path)
     whole = owner._modules[name]
     config = getattr(model, "config", None)
     saved = _per_layer_lists(config, len(stack.layers))
+    ran = []
+    hooks = [layer.register_forward_pre_hook(lambda module, args, i=i: ran.append(i))
+             for i, layer in enumerate(stack.layers)]
     try:
         owner._modules[name] = torch.nn.ModuleList(stack.layers[:depth])
         if saved:
@@ -157,7 +166,11 @@ def cut_to(model: torch.nn.Module, stack: LayerStack, depth: int = TRACED):
                 setattr(config, key, type(values)(values[:depth]))
             config.num_hidden_layers = depth
         yield
+        if set(ran) - set(range(depth)) or not set(range(1, depth)) <= set(ran):
+            raise ValueError(f"cut to {depth} layers, the model ran layers {sorted(set(ran))} of {stack.path}")
     finally:
+        for hook in hooks:
+            hook.remove()
         owner._modules[name] = whole
         if saved:
             for key, values in saved.items():

@@ -186,6 +186,47 @@ def test_a_layer_output_read_outside_the_stack_is_traced():
     torch.testing.assert_close(gm(x)[0], model(x), rtol=1e-6, atol=1e-6)
 
 
+class Aliased(Stack):
+    def __init__(self):
+        super().__init__()
+        self.same_blocks = self.blocks  # the layers under a second name, which forward uses
+
+    def forward(self, x):
+        x = self.inp(x)
+        for block in self.same_blocks:
+            x = block(x)
+        return x
+
+
+def test_layers_reachable_under_another_name_are_traced():
+    torch.manual_seed(0)
+    model = Aliased().eval()
+    x = torch.randn(3, 16)
+    gm = _assert_traced_whole(model, "the model ran layers [0, 1, 2, 3, 4, 5] of blocks", x=x)
+    torch.testing.assert_close(gm(x)[0], model(x), rtol=1e-6, atol=1e-6)
+
+
+class Listed(Stack):
+    def __init__(self):
+        super().__init__()
+        self._order = list(self.blocks)  # a plain list: the layers again, not registered
+
+    def forward(self, x):
+        x = self.inp(x)
+        for block in self._order:
+            x = block(x)
+        return x
+
+
+def test_layers_reached_outside_the_module_tree_are_traced():
+    torch.manual_seed(0)
+    model = Listed().eval()
+    x = torch.randn(3, 16)
+    gm = _assert_traced_whole(model, "the model ran layers [0, 1, 2, 3, 4, 5] of blocks", x=x)
+    torch.testing.assert_close(gm(x)[0], model(x), rtol=1e-6, atol=1e-6)
+    assert not any(block._forward_pre_hooks for block in model.blocks)  # capture's own hooks are gone
+
+
 def test_a_plain_module_stack_is_copied():
     torch.manual_seed(0)
     model = Stack().eval()
