@@ -186,41 +186,29 @@ def test_a_layer_output_read_outside_the_stack_is_traced():
     torch.testing.assert_close(gm(x)[0], model(x), rtol=1e-6, atol=1e-6)
 
 
-class Aliased(Stack):
-    def __init__(self):
+class Rerouted(Stack):
+    """Reaches its blocks under a second registered name ("alias") or through a plain Python list
+    ("unregistered"): cutting ``blocks`` short does not cut what forward runs."""
+
+    def __init__(self, route):
         super().__init__()
-        self.same_blocks = self.blocks  # the layers under a second name, which forward uses
+        if route == "alias":
+            self.same_blocks = self.blocks
+        else:
+            self._order = list(self.blocks)
+        self.route = route
 
     def forward(self, x):
         x = self.inp(x)
-        for block in self.same_blocks:
+        for block in self.same_blocks if self.route == "alias" else self._order:
             x = block(x)
         return x
 
 
-def test_layers_reachable_under_another_name_are_traced():
+@pytest.mark.parametrize("route", ["alias", "unregistered"])
+def test_layers_reached_another_way_are_traced(route):
     torch.manual_seed(0)
-    model = Aliased().eval()
-    x = torch.randn(3, 16)
-    gm = _assert_traced_whole(model, "the model ran layers [0, 1, 2, 3, 4, 5] of blocks", x=x)
-    torch.testing.assert_close(gm(x)[0], model(x), rtol=1e-6, atol=1e-6)
-
-
-class Listed(Stack):
-    def __init__(self):
-        super().__init__()
-        self._order = list(self.blocks)  # a plain list: the layers again, not registered
-
-    def forward(self, x):
-        x = self.inp(x)
-        for block in self._order:
-            x = block(x)
-        return x
-
-
-def test_layers_reached_outside_the_module_tree_are_traced():
-    torch.manual_seed(0)
-    model = Listed().eval()
+    model = Rerouted(route).eval()
     x = torch.randn(3, 16)
     gm = _assert_traced_whole(model, "the model ran layers [0, 1, 2, 3, 4, 5] of blocks", x=x)
     torch.testing.assert_close(gm(x)[0], model(x), rtol=1e-6, atol=1e-6)
