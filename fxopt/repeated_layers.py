@@ -247,10 +247,10 @@ def _same_layer(a: _Layer, b: _Layer) -> str | None:
         return f"{a.prefix} traced to {len(a.nodes)} nodes, {b.prefix} to {len(b.nodes)}"
     twin = {a.hidden_in: b.hidden_in}
     for x, y in zip(a.nodes, b.nodes):
-        same_target = (x.target[len(a.prefix):] == y.target[len(b.prefix):] if x.op == "get_attr"
-                       else x.target == y.target)
+        same_target = x.op == y.op and (x.target[len(a.prefix):] == y.target[len(b.prefix):] if x.op == "get_attr"
+                                        else x.target == y.target)
         args = map_arg((x.args, x.kwargs), lambda v: twin.get(v, v))
-        if x.op != y.op or not same_target or args != (y.args, y.kwargs) or _val_spec(x) != _val_spec(y):
+        if not same_target or args != (y.args, y.kwargs) or _val_spec(x) != _val_spec(y):
             return f"{describe(y)} differs from {describe(x)}"
         twin[x] = y
     if twin[a.hidden_out] is not b.hidden_out:

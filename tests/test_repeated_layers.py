@@ -270,3 +270,17 @@ def test_the_report_and_the_dumps_say_how_the_layers_were_captured(tmp_path):
     first = str(compiled.report()).splitlines()[0]
     assert first.startswith("capture: ") and first.endswith("nodes; transformer.h: 3 of 4 layers traced, 1 copied")
     assert "captured GPT2LMHeadModel; transformer.h: 3 of 4 layers traced, 1 copied" in (tmp_path / "index.html").read_text()
+
+
+def test_two_layers_differing_in_a_node_kind_are_not_the_same_layer():
+    from fxopt.repeated_layers import _Layer, _same_layer
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    w1 = graph.get_attr("blocks.1.w")
+    h1 = graph.call_function(torch.ops.aten.mul.Tensor, (x, w1))
+    n2 = graph.call_function(torch.ops.aten.neg.default, (h1,))  # where layer 1 has its weight
+    h2 = graph.call_function(torch.ops.aten.mul.Tensor, (h1, n2))
+    a = _Layer("blocks.1", [w1, h1], hidden_in=x, hidden_out=h1)
+    b = _Layer("blocks.2", [n2, h2], hidden_in=h1, hidden_out=h2)
+    assert _same_layer(a, b) == f"%{n2.name} (aten.neg.default) differs from %{w1.name} (get_attr)"
+    assert _same_layer(a, a) is None
