@@ -90,11 +90,19 @@ def apply_prologue(x: Tensor, prologue: str, norm_weight: Tensor | None, eps: fl
 
 def linear_reference(x: Tensor, weight: Tensor, bias: Tensor | None = None, residual: Tensor | None = None,
                      prologue: str = "none", norm_weight: Tensor | None = None, eps: float = 0.0,
-                     epilogue: str = "none") -> Tensor:
+                     epilogue: str = "none", *, matmul=F.linear) -> Tensor:
+    """``matmul``: what computes ``x @ weight.T + bias`` (``linear_cpu`` hands oneDNN's in)."""
     check_prologue(prologue, norm_weight)
     check_epilogue(epilogue, weight.shape[0], residual)
-    y = apply_epilogue(F.linear(apply_prologue(x, prologue, norm_weight, eps), weight, bias), epilogue)
+    y = apply_epilogue(matmul(apply_prologue(x, prologue, norm_weight, eps), weight, bias), epilogue)
     return y if residual is None else y + residual
+
+
+def linear_add_reference(x: Tensor, weight: Tensor, bias: Tensor | None, residual: Tensor, prologue: str = "none",
+                         norm_weight: Tensor | None = None, eps: float = 0.0, *, matmul=F.linear) -> None:
+    """``residual += linear(x, weight, bias, prologue=...)``, in place."""
+    check_prologue(prologue, norm_weight)
+    residual.add_(matmul(apply_prologue(x, prologue, norm_weight, eps), weight, bias))
 
 
 @torch.library.custom_op("fxopt::linear", mutates_args=())
@@ -114,8 +122,7 @@ def linear_add_(x: Tensor, weight: Tensor, bias: Tensor | None, residual: Tensor
     graph, ``runtime/last_token.py``). On CUDA cuBLAS then accumulates into the residual, where
     the out-of-place ``addmm`` first copies it into a new tensor: for a 2048-token prompt of a
     4096-wide model that copy moves 32 MiB, twice a layer. Same values as ``fxopt.linear``."""
-    check_prologue(prologue, norm_weight)
-    residual.add_(F.linear(apply_prologue(x, prologue, norm_weight, eps), weight, bias))
+    linear_add_reference(x, weight, bias, residual, prologue, norm_weight, eps)
 
 
 @linear_add_.register_fake

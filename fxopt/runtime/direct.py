@@ -1,12 +1,12 @@
 """On the CPU, call the fxopt ops' own Python functions instead of going through the dispatcher.
 
 An fxopt op (``torch.ops.fxopt.linear``, ``cached_attention``, ...) runs on the CPU the function it
-was defined with, its plain-PyTorch reference. Reaching that function through the custom-op
+was defined with, its plain-PyTorch reference, or the CPU kernel registered for it. Reaching that function through the custom-op
 dispatcher (torch.library's wrapper around a Python kernel) costs about 90 µs a call on a
 two-core CPU: SmolLM2 makes 151 such calls a decode step, about 14 ms of a 65 ms step.
 
 :func:`direct_graph` copies a graph with each ``torch.ops.fxopt.*`` target replaced by that
-function, which is exactly what the CPU dispatch would have run::
+function (or CPU kernel), which is exactly what the CPU dispatch would have run::
 
     %linear_3 = call_function[target=torch.ops.fxopt.linear.default](args = (...))
     # becomes
@@ -27,12 +27,15 @@ from typing import Callable
 import torch
 import torch.fx as fx
 
+from ..kernels import linear_cpu
+
 KEEP = {"fxopt::all_reduce"}
 
 
 def _functions() -> dict:
-    """``{OpOverload: the Python function the op was defined with}`` for every fxopt op whose CPU
-    implementation is that function (none registered for the CPU on top of it)."""
+    """``{OpOverload: the Python function the op runs on the CPU}`` for every fxopt op: its CPU
+    kernel where one is registered (``kernels/linear_cpu.py``), else the function it was
+    defined with."""
     try:
         from torch._library.custom_ops import OPDEFS
     except ImportError:  # a torch without custom ops' registry: keep the dispatcher
@@ -40,11 +43,12 @@ def _functions() -> dict:
     out = {}
     for name, opdef in OPDEFS.items():
         namespace, _, op = name.partition("::")
-        fn = getattr(opdef, "_init_fn", None)
-        backends = getattr(opdef, "_backend_fns", {})
-        if namespace != "fxopt" or name in KEEP or fn is None or "cpu" in backends:
+        if namespace != "fxopt" or name in KEEP:
             continue
-        out[getattr(torch.ops.fxopt, op).default] = fn
+        overload = getattr(torch.ops.fxopt, op).default
+        fn = linear_cpu.KERNELS.get(overload) or getattr(opdef, "_init_fn", None)
+        if fn is not None:
+            out[overload] = fn
     return out
 
 
