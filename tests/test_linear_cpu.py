@@ -39,7 +39,7 @@ def test_matmul_is_f_linear_up_to_rounding(x_shape, out, with_bias):
 
 
 def test_oneDNN_computes_where_this_torch_has_it(monkeypatch):
-    assert linear_cpu.AVAILABLE == torch.backends.mkldnn.is_available()
+    assert not linear_cpu.AVAILABLE or torch.backends.mkldnn.is_available()
     calls = []
     if linear_cpu.AVAILABLE:
         op = linear_cpu._LINEAR_POINTWISE
