@@ -1,9 +1,9 @@
 """On the CPU, call the fxopt ops' own Python functions instead of going through the dispatcher.
 
 An fxopt op (``torch.ops.fxopt.linear``, ``cached_attention``, ...) runs on the CPU the function it
-was defined with, its plain-PyTorch reference, or the CPU kernel registered for it. Reaching that function through the custom-op
-dispatcher (torch.library's wrapper around a Python kernel) costs about 90 µs a call on a
-two-core CPU: SmolLM2 makes 151 such calls a decode step, about 14 ms of a 65 ms step.
+was defined with, its plain-PyTorch reference, or its CPU kernel (``kernels/linear_cpu.py``).
+Reaching that function through the custom-op dispatcher (torch.library's wrapper around a Python
+kernel) costs about 90 µs a call on a two-core CPU: SmolLM2 makes 151 such calls a decode step, about 14 ms of a 65 ms step.
 
 :func:`direct_graph` copies a graph with each ``torch.ops.fxopt.*`` target replaced by that
 function (or CPU kernel), which is exactly what the CPU dispatch would have run::
@@ -34,8 +34,8 @@ KEEP = {"fxopt::all_reduce"}
 
 def _functions() -> dict:
     """``{OpOverload: the Python function the op runs on the CPU}`` for every fxopt op: its CPU
-    kernel where one is registered (``kernels/linear_cpu.py``), else the function it was
-    defined with."""
+    kernel from ``kernels/linear_cpu.py``, else the function it was defined with (not for an op
+    with some other CPU kernel registered: that one keeps the dispatcher)."""
     try:
         from torch._library.custom_ops import OPDEFS
     except ImportError:  # a torch without custom ops' registry: keep the dispatcher
@@ -46,7 +46,9 @@ def _functions() -> dict:
         if namespace != "fxopt" or name in KEEP:
             continue
         overload = getattr(torch.ops.fxopt, op).default
-        fn = linear_cpu.KERNELS.get(overload) or getattr(opdef, "_init_fn", None)
+        fn = linear_cpu.KERNELS.get(overload)
+        if fn is None and "cpu" not in getattr(opdef, "_backend_fns", {}):  # another CPU kernel: dispatch to it
+            fn = getattr(opdef, "_init_fn", None)
         if fn is not None:
             out[overload] = fn
     return out
