@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -218,3 +219,27 @@ def test_compile_time_refuses_an_unknown_model():
     result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "compile_time.py"), "--models", "gpt5"],
                             capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT), timeout=120)
     assert result.returncode == 2 and "unknown model 'gpt5'" in result.stderr
+
+
+def test_cold_start_table_and_kernel_count(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    import cold_start
+    for i, name in enumerate(["a/k.cubin", "a/k.json", "b/k.cubin", "c/other.ptx"]):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text(str(i))
+    assert cold_start.count_kernels(str(tmp_path)) == 2
+    rows = [dict(model="llama2-7b", pipeline="bf16", way=way,
+                 median={"compile": 8.04, "first generate": first, "ready": 8.04 + first, "kernels": 31})
+            for way, first in (("ahead", 3.46), ("one by one", 12.93))]
+    lines = cold_start.table(rows).splitlines()
+    assert lines[0].split() == ["model", "weights", "kernels", "compiled", "compile", "s", "first", "generate", "s",
+                                "ready", "s", "kernels"]
+    assert lines[2].split() == ["llama2-7b", "bf16", "ahead", "8.0", "3.5", "11.5", "31"]
+    assert lines[3].split() == ["llama2-7b", "bf16", "one", "by", "one", "8.0", "12.9", "21.0", "31"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a GPU")
+def test_cold_start_needs_a_gpu():
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "cold_start.py"), "--models", "llama-1b"],
+                            capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT), timeout=120)
+    assert result.returncode == 2 and "a cold start is timed on a CUDA device; none is visible" in result.stderr

@@ -126,7 +126,7 @@ def _jit_kernel(*generic: str):
     the compilations for no gain (scales are read one element at a time)."""
     if triton is None:
         return lambda fn: fn
-    return lambda fn: triton.jit(fn, do_not_specialize=generic)
+    return _jit(do_not_specialize=generic)
 
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)

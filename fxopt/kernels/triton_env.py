@@ -7,9 +7,12 @@
 - ``INTERPRET`` is read once, at import: ``triton.jit`` makes interpreter functions (kernels that
   run on CPU tensors) if and only if ``TRITON_INTERPRET=1`` was set before.
 """
+import contextlib
+import contextvars
 import functools
 import os
 import types
+from concurrent.futures import ThreadPoolExecutor
 
 try:
     import triton
@@ -18,8 +21,73 @@ except ImportError:
     triton = None
     tl = types.SimpleNamespace(constexpr=int)
 
-jit = triton.jit if triton is not None else (lambda fn: fn)
+try:  # Triton's hook for compiling kernels in an executor (a launch returns a future kernel)
+    from triton.runtime._async_compile import AsyncCompileMode, active_mode as _async_mode
+    from triton.runtime.jit import JITFunction
+except ImportError:
+    AsyncCompileMode = _async_mode = JITFunction = None
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# --------------------------------------------------------------------------------------------- #
+# Compiling ahead: a cold start compiles its kernels side by side, not one launch after the other.
+# --------------------------------------------------------------------------------------------- #
+#
+# A first decode step or prefill launches a few dozen distinct kernels (tiles and folds differ by
+# linear), and each first launch compiles its kernel before running it: a fraction of a second to
+# a second each, one after the other. Inside ``compile_ahead()`` a launch of an fxopt kernel only
+# submits its compilation to a thread pool (Triton's ``AsyncCompileMode``: the compiler and ptxas
+# run outside the GIL) and runs nothing; leaving the block waits for all of them. So
+#
+#     with compile_ahead():
+#         step(*inputs)      # a dry run: every kernel compiles, in parallel; outputs are garbage
+#     step(*inputs)          # the real run finds them compiled
+#
+# The dry run's outputs are garbage (what the skipped kernels would have written is left
+# uninitialized): only a run whose results are thrown away may be dry, and it must not index with
+# a kernel's output (``runtime/cuda_graph.capture`` runs one before its warm-up runs, whose inputs
+# are all given). Without Triton, under the interpreter or with a Triton lacking the hook, the
+# block runs its body as usual.
+
+_COMPILE_ONLY = contextvars.ContextVar("fxopt_triton_compile_only", default=False)
+
+
+def jit(fn=None, **options):
+    """``triton.jit`` (with its options), except that inside ``compile_ahead()`` a launch of the
+    kernel only compiles it."""
+    if fn is None:
+        return functools.partial(jit, **options)
+    if triton is None:
+        return fn
+    kernel = triton.jit(fn, **options)
+    if JITFunction is not None and isinstance(kernel, JITFunction):
+        launch = kernel.run
+
+        @functools.wraps(launch)
+        def run(*args, warmup=False, **kwargs):
+            return launch(*args, warmup=warmup or _COMPILE_ONLY.get(), **kwargs)
+
+        kernel.run = run  # ``kernel[grid](...)`` and ``kernel.warmup(...)`` call ``self.run``
+    return kernel
+
+
+@contextlib.contextmanager
+def compile_ahead(workers: int | None = None):
+    """Within the block, launching an fxopt kernel submits its compilation to ``workers`` threads
+    (default: the CPU count, at most 16) and runs nothing; on leaving, every compilation has
+    finished (or raised). Yields True if launches are being held back, False if the block runs
+    as usual (no Triton, the interpreter, a Triton without ``AsyncCompileMode``, or already inside
+    an asynchronous compile)."""
+    if AsyncCompileMode is None or INTERPRET or _async_mode.get() is not None:
+        yield False
+        return
+    with ThreadPoolExecutor(workers or min(16, os.cpu_count() or 1), thread_name_prefix="fxopt-jit") as pool:
+        with AsyncCompileMode(pool):
+            token = _COMPILE_ONLY.set(True)
+            try:
+                yield True
+            finally:
+                _COMPILE_ONLY.reset(token)
 
 # --------------------------------------------------------------------------------------------- #
 # Programmatic dependent launch (PDL): a decode kernel's launch overlaps the tail of the one before.

@@ -15,12 +15,18 @@ captured CUDA graph removes the CPU launch cost, which at batch 1 is most of the
 """
 from __future__ import annotations
 
+import os
 import warnings
 
 import torch
 import torch.fx as fx
 
 from ..errors import FxoptError
+from ..kernels.triton_env import compile_ahead
+
+# Compile a capture's Triton kernels in parallel before its warm-up (off: one by one, as each is
+# first launched; benchmarks/cold_start.py times both). FXOPT_COMPILE_AHEAD=0 turns it off.
+COMPILE_AHEAD = os.environ.get("FXOPT_COMPILE_AHEAD", "1") != "0"
 
 
 class CUDAGraphError(FxoptError):
@@ -46,10 +52,16 @@ def smallest_bucket(buckets: list[int], size: int, what: str, limit_name: str) -
 
 def capture(fn, *, warmup: int, pool):
     """Run ``fn`` ``warmup`` times on a side stream (kernels compile, the allocator settles), then
-    capture one call of it into a CUDA graph in ``pool``; returns (graph, what that call returned)."""
+    capture one call of it into a CUDA graph in ``pool``; returns (graph, what that call returned).
+    Before the warm-up, a dry call compiles the Triton kernels ``fn`` launches side by side
+    (``kernels.triton_env.compile_ahead``) without running them: ``fn`` must take no index and no
+    host decision from what a kernel writes (a graph's step takes them from its inputs)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
+        if COMPILE_AHEAD:
+            with compile_ahead():
+                fn()
         for _ in range(warmup):
             fn()
     torch.cuda.current_stream().wait_stream(stream)
