@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Everything fxopt checks and measures on a GPU machine, in one go (logs under $OUT or ./gpu-out).
-#   bash benchmarks/gpu_suite.sh [quick|full|ab|anchors|cold|profile|prefill|int8pdl]
+#   bash benchmarks/gpu_suite.sh [quick|full|tests|ab|anchors|cold|profile|prefill|int8pdl]
+#   MODELS=llama2-7b bash benchmarks/gpu_suite.sh anchors     # one model shape only (anchors, cold)
+# tests: the GPU tests of the newest changes (about two minutes).
 # ab: the GPU tests of the newest changes, then the A/B docs/performance.md lists as not yet
 # measured (the greedy loop on and off, bf16 and INT8, batch 1 and 8), each under a time limit
 # (under ten minutes in all), then their tables.
@@ -19,25 +21,39 @@ OUT=${OUT:-gpu-out}; mkdir -p "$OUT"; mode=${1:-quick}
 export PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSITY=error PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
-if [ "$mode" = anchors ] || [ "$mode" = cold ]; then
-  # compiling ahead is new: if its GPU tests fail, the runs below compile kernels one by one
-  timeout 60 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_compile_ahead.py 2>&1 \
-    | tee "$OUT/pytest-ahead.txt" | tail -2
-  grep -q " passed" "$OUT/pytest-ahead.txt" && ! grep -q "failed\|error" "$OUT/pytest-ahead.txt" \
-    || { export FXOPT_COMPILE_AHEAD=0; echo "NOTE: compile_ahead off (its GPU tests failed)"; }
+MODELS=${MODELS:-llama2-7b llama-1b}  # anchors, cold: the model shapes, in this order
+NEWEST_TESTS="tests/test_fuse.py tests/test_greedy_loop.py tests/test_sampling_triton.py tests/test_cuda_graph.py"
+NEWEST_K="cuda_as_on_cpu or loop or feedback or captured"
+# Compiling ahead is the newest change: its GPU tests run once a call, before anything that
+# compiles a model; if they failed, what follows compiles kernels one by one.
+check_ahead() {
+  [ -f "$OUT/pytest-ahead.txt" ] || timeout 60 python3 -m pytest -m gpu -q -p no:cacheprovider \
+    tests/test_compile_ahead.py > "$OUT/pytest-ahead.txt" 2>&1
+  tail -1 "$OUT/pytest-ahead.txt"
+  if grep -q " passed" "$OUT/pytest-ahead.txt" && ! grep -q "failed\|error" "$OUT/pytest-ahead.txt"; then :; else
+    export FXOPT_COMPILE_AHEAD=0; echo "NOTE: compile_ahead off (its GPU tests failed: $OUT/pytest-ahead.txt)"; fi
+}
+if [ "$mode" = tests ]; then
+  check_ahead
+  timeout 150 python3 -m pytest -m gpu -q -p no:cacheprovider $NEWEST_TESTS -k "$NEWEST_K" 2>&1 \
+    | tee "$OUT/pytest-newest.txt" | tail -3
+  exit 0
 fi
 if [ "$mode" = cold ]; then
-  timeout 400 python3 benchmarks/cold_start.py --pipelines bf16 --json "$OUT/cold.json" 2>&1 | tee "$OUT/cold.txt" | tail -9
+  check_ahead
+  timeout 400 python3 benchmarks/cold_start.py --models $MODELS --pipelines bf16 --json "$OUT/cold.json" 2>&1 \
+    | tee "$OUT/cold.txt" | tail -9
   exit 0
 fi
 if [ "$mode" = anchors ]; then
-  for m in llama2-7b llama-1b; do
+  check_ahead
+  for m in $MODELS; do
     # a Triton cache of its own, empty: the ready column is a cold start even on a warm machine
     TRITON_CACHE_DIR=$(mktemp -d) timeout $([ $m = llama2-7b ] && echo 290 || echo 220) \
       python3 benchmarks/decode.py --models $m --batches 1 8 \
       --compile-batches 1 8 --variants fxopt fxopt-int8 --json "$OUT/anchors-$m.json" > "$OUT/anchors-$m.txt" 2>&1
   done
-  for m in llama2-7b llama-1b; do
+  for m in $MODELS; do
     [ -f "$OUT/anchors-$m.json" ] && python3 benchmarks/decode.py --table "$OUT/anchors-$m.json"
   done
   exit 0
@@ -64,11 +80,11 @@ if [ "$mode" = int8pdl ]; then
   exit 0
 fi
 if [ "$mode" = ab ]; then
-  timeout 150 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_fuse.py tests/test_greedy_loop.py \
-    tests/test_sampling_triton.py tests/test_cuda_graph.py tests/test_compile_ahead.py \
-    -k "cuda_as_on_cpu or loop or feedback or captured or ahead or held_back" 2>&1 | tee "$OUT/pytest-ab.txt" | tail -3
+  check_ahead
+  timeout 150 python3 -m pytest -m gpu -q -p no:cacheprovider $NEWEST_TESTS -k "$NEWEST_K" 2>&1 \
+    | tee "$OUT/pytest-ab.txt" | tail -3
   for m in llama-1b llama2-7b; do
-    timeout $([ $m = llama2-7b ] && echo 230 || echo 200) python3 benchmarks/decode.py --no-compile --no-eager --prefill 0 --models $m --batches 1 8 \
+    timeout $([ $m = llama2-7b ] && echo 200 || echo 170) python3 benchmarks/decode.py --no-compile --no-eager --prefill 0 --models $m --batches 1 8 \
       --variants fxopt fxopt-hostloop fxopt-int8 fxopt-int8-hostloop --json "$OUT/ab-loop-$m.json" \
       > "$OUT/ab-loop-$m.txt" 2>&1
   done
