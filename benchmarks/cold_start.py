@@ -112,13 +112,9 @@ def main():
                 rows.append(dict(model=name, pipeline=pipeline, way=way, runs=runs, median=median))
                 print(f"{name} {pipeline} {way}: " + ", ".join(f"ready {r['ready']:.1f}s" for r in runs), flush=True)
     import triton
-    import transformers
-    print(f"\n{torch.cuda.get_device_name()}, {os.cpu_count()} CPU cores; torch {torch.__version__}, triton "
-          f"{triton.__version__}, transformers {transformers.__version__}, {time.strftime('%Y-%m-%d')}")
-    print(table(rows))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+    from compile_time import finish
+    finish(rows, table(rows), f"{torch.cuda.get_device_name()}, {os.cpu_count()} CPU cores, triton {triton.__version__}",
+           args.json)
 
 
 if __name__ == "__main__":

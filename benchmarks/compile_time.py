@@ -85,13 +85,17 @@ def main():
                 rows.append(dict(model=name, way=way, runs=runs, median=median, layers=runs[0]["layers"]))
                 print(f"{name} {way}: {[round(r['total'], 2) for r in runs]} s ({runs[0]['layers']})", flush=True)
     import platform
+    finish(rows, table(rows), f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores", args.json)
+
+
+def finish(rows: list[dict], text: str, machine: str, json_path: str | None) -> None:
+    """Print the machine, versions and date, then the table ``text``; write ``rows`` to ``json_path``."""
     import torch
     import transformers
-    print(f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} cores; torch {torch.__version__}, "
-          f"transformers {transformers.__version__}, {time.strftime('%Y-%m-%d')}")
-    print(table(rows))
-    if args.json:
-        with open(args.json, "w") as f:
+    print(f"\n{machine}; torch {torch.__version__}, transformers {transformers.__version__}, {time.strftime('%Y-%m-%d')}")
+    print(text)
+    if json_path:
+        with open(json_path, "w") as f:
             json.dump(rows, f, indent=1)
 
 
