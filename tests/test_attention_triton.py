@@ -187,9 +187,27 @@ def test_prompt_attention_is_causal_attention_over_the_prompt(heads_q, heads_kv,
     want = torch.nn.functional.scaled_dot_product_attention(
         q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), is_causal=True, scale=dim ** -0.5)
     torch.testing.assert_close(out, want, **TOL[torch.float32])
+    assert out.transpose(1, 2).is_contiguous()  # token-major: the model's transpose + reshape is a view
     torch.testing.assert_close(k_cache[:batch, :, :seq], k, atol=0, rtol=0)
     torch.testing.assert_close(v_cache[:batch, :, :seq], v, atol=0, rtol=0)
     assert k_cache[:, :, seq:].isnan().all() and k_cache[batch:].isnan().all()
+    with torch._subclasses.fake_tensor.FakeTensorMode() as mode:  # the fake's layout is the reference's
+        args = [mode.from_tensor(t) for t in (q, k, v, k_cache, v_cache, positions)]
+        fake = torch.ops.fxopt.prompt_attention(*args, dim ** -0.5, 0)
+    # (a dim of size 1 may have any stride)
+    assert [st for st, n in zip(fake.stride(), fake.shape) if n > 1] == [st for st, n in zip(out.stride(), out.shape) if n > 1]
+
+
+@pytest.mark.parametrize("heads_q, heads_kv, dim, starts, rotary", [(6, 2, 48, [0, 0], True), (4, 4, 16, [3], False)])
+def test_prefill_writes_a_token_major_output_when_asked(heads_q, heads_kv, dim, starts, rotary):
+    """The Triton prefill path (prompt_attention's fallback on CUDA) writes its output
+    [B, Hq, S, D] with [B, S, Hq, D] in memory, same values."""
+    seq, dtype = 11, torch.float32
+    case = make_case(len(starts), heads_q, heads_kv, seq, dim, starts, MAX_SEQ, dtype)
+    cos, sin = rotary_tables(len(starts), seq, dim, dtype) if rotary else (None, None)
+    op = lambda *a: at.cached_attention_triton(*a, token_major_out=True)  # noqa: E731
+    out = check(*case, op=op, cos=cos, sin=sin)
+    assert out.transpose(1, 2).is_contiguous()
 
 
 def test_num_splits_bounds():
@@ -294,10 +312,16 @@ def test_gpu_decode_in_cuda_graph():
 ])
 def test_gpu_prompt_attention(dtype, heads_q, heads_kv, dim, seq, batch, window):
     """The registered CUDA prompt_attention (cuDNN/flash SDPA, or the Triton cached path for
-    windows and fp32) against the reference, eagerly and replayed from a CUDA graph."""
+    windows and fp32) against the reference, eagerly and replayed from a CUDA graph; with and
+    without the rotary; its output token-major on every path."""
     at.register()
     case = make_case(batch, heads_q, heads_kv, seq, dim, [0] * batch, seq + 40, dtype, device="cuda")
-    check(*case, window=window, op=torch.ops.fxopt.prompt_attention)
+    out = check(*case, window=window, op=torch.ops.fxopt.prompt_attention)
+    assert out.transpose(1, 2).is_contiguous()
+    cos, sin = rotary_tables(batch, seq, dim, dtype, device="cuda")
+    out = check(*make_case(batch, heads_q, heads_kv, seq, dim, [0] * batch, seq + 40, dtype, seed=5, device="cuda"),
+                window=window, op=torch.ops.fxopt.prompt_attention, cos=cos, sin=sin)
+    assert out.transpose(1, 2).is_contiguous()
     q, k, v, k_cache, v_cache, positions = case
     op = lambda: torch.ops.fxopt.prompt_attention(q, k, v, k_cache, v_cache, positions, dim ** -0.5, window)  # noqa: E731
     stream = torch.cuda.Stream()

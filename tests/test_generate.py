@@ -148,6 +148,21 @@ def test_prefill_graph_computes_the_head_on_the_last_positions_only(family):
     targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
     assert torch.ops.fxopt.cached_attention.default not in targets
     assert targets.count(torch.ops.fxopt.prompt_attention.default) == 2  # tiny models have 2 layers
+    # attention's output is token-major: the heads merged by the model's transpose + reshape are a
+    # view of it, not a copy, up to the output projection
+    values = {}
+
+    class Record(fx.Interpreter):
+        def run_node(self, node):
+            values[node] = super().run_node(node)
+            return values[node]
+
+    flat = compiled.info.signature.flatten((), dict(input_ids=ids, position_ids=pos))
+    Record(gm).run(*flat, last)
+    for attn in (n for n in gm.graph.nodes if n.target is torch.ops.fxopt.prompt_attention.default):
+        merged = next(iter(next(iter(attn.users)).users))  # transpose, then reshape / view
+        assert values[merged].shape == (3, 9, values[attn].shape[1] * values[attn].shape[3])
+        assert values[merged].data_ptr() == values[attn].data_ptr(), merged.format_node()
     # the weights and the KV cache are shared with the compiled graph, not copied
     assert {id(p) for p in gm.parameters()} <= {id(p) for p in compiled.graph_module.parameters()}
     assert {id(b) for b in gm.buffers()} <= {id(b) for b in compiled.graph_module.buffers()}

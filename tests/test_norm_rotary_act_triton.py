@@ -230,6 +230,32 @@ def test_rotary_contiguous_and_broadcast_cos():
     check_rotary(q, k, table[:, 2:5, 8:24], table[:, 4:7, 8:24])
 
 
+@pytest.mark.parametrize("batch, heads_q, heads_kv, seq, dim", [(2, 6, 2, 5, 16), (1, 4, 4, 70, 48)])
+def test_rotary_writes_outputs_of_any_layout(batch, heads_q, heads_kv, seq, dim):
+    """Token-major outputs ([B, S, H, D] in memory, as prompt_attention asks) and a padded one:
+    each element lands where its strides say, nothing else is touched."""
+    q, k, cos, sin = make_rotary(batch, heads_q, heads_kv, seq, dim, torch.float32, seed=11)
+    eq, ek = rotary_reference(q, k, cos, sin)
+    q_out = poisoned((batch, seq, heads_q, dim), torch.float32).transpose(1, 2)
+    padded = poisoned((batch, heads_kv, seq + 3, dim + 8), torch.float32)
+    k_out = padded[:, :, 1:seq + 1, :dim]
+    gq, gk = rot_t.rotary_triton(q, k, cos, sin, q_out=q_out, k_out=k_out)
+    assert gq is q_out and gk is k_out and gq.transpose(1, 2).is_contiguous()
+    torch.testing.assert_close(gq, eq, atol=0, rtol=0)
+    torch.testing.assert_close(gk, ek, atol=0, rtol=0)
+    untouched = torch.ones_like(padded, dtype=torch.bool)
+    untouched[:, :, 1:seq + 1, :dim] = False
+    assert torch.isnan(padded[untouched]).all()
+
+
+def test_rotary_refuses_an_output_it_cannot_write():
+    q, k, cos, sin = make_rotary(1, 2, 2, 3, 16, torch.float32)
+    with pytest.raises(ValueError, match="q_out must be a torch.float32 tensor of shape \\(1, 2, 3, 16\\)"):
+        rot_t.rotary_triton(q, k, cos, sin, q_out=poisoned((1, 2, 16, 3), torch.float32).transpose(2, 3))
+    with pytest.raises(ValueError, match="k_out must be"):
+        rot_t.rotary_triton(q, k, cos, sin, k_out=poisoned((1, 2, 3, 16), torch.float16))
+
+
 def test_rotary_mixed_dtypes():
     """fp16 q/k with fp32 cos/sin: the reference promotes, outputs are fp32."""
     q, k, cos, sin = make_rotary(2, 4, 2, 3, 16, torch.float16, cos_dtype=torch.float32)

@@ -23,6 +23,9 @@ at slot 0 of every row, ``positions[b, s] == s``: it still writes k/v into the c
 then sees only the prompt's own keys, so the attention is plain causal attention over q, k, v and
 never reads the cache. The prefill graph (``runtime/last_token.py``) uses it, since a prefill
 always starts a sequence; on CUDA it runs on cuDNN's fused attention (``attention_triton.py``).
+Its output is *token-major*: [B, Hq, S, Dv] with [B, S, Hq, Dv] in memory, so that the
+``transpose(1, 2).reshape(B, S, Hq * Dv)`` models apply before the output projection is a view,
+not a copy of the prompt's attention output.
 
 This file holds the plain-PyTorch reference (the ground truth, runs anywhere) and the fake
 implementation (shapes); a Triton kernel registers itself for CUDA on top of them.
@@ -69,6 +72,18 @@ def cached_attention_reference(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor,
     return out.to(q.dtype)
 
 
+def token_major(x: Tensor) -> Tensor:
+    """``x`` [B, H, S, D] with [B, S, H, D] in memory: ``x`` itself if it is laid out so already,
+    else a copy."""
+    t = x.transpose(1, 2)
+    return x if t.is_contiguous() else t.contiguous().transpose(1, 2)
+
+
+def empty_token_major(batch: int, heads: int, seq: int, dim: int, like: Tensor, dtype=None) -> Tensor:
+    """An uninitialized [batch, heads, seq, dim] tensor with [batch, seq, heads, dim] in memory."""
+    return like.new_empty((batch, seq, heads, dim), dtype=dtype or like.dtype).transpose(1, 2)
+
+
 def _check(q, k, v, k_cache, v_cache, positions) -> None:
     batch, heads_q, seq, _ = q.shape
     if k_cache.shape[0] < batch:
@@ -92,11 +107,16 @@ def prompt_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: 
                      positions: Tensor, scale: float, window: int = 0,
                      cos: Tensor | None = None, sin: Tensor | None = None,
                      prefetch: Tensor | None = None) -> Tensor:
-    """``cached_attention`` for prompts at slots 0..S-1 of every row (``positions[b, s] == s``)."""
-    return cached_attention_reference(q, k, v, k_cache, v_cache, positions, scale, window, cos, sin)
+    """``cached_attention`` for prompts at slots 0..S-1 of every row (``positions[b, s] == s``), its
+    output token-major."""
+    return token_major(cached_attention_reference(q, k, v, k_cache, v_cache, positions, scale, window, cos, sin))
 
 
 @cached_attention.register_fake
-@prompt_attention.register_fake
 def _(q, k, v, k_cache, v_cache, positions, scale, window=0, cos=None, sin=None, prefetch=None):
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+@prompt_attention.register_fake
+def _(q, k, v, k_cache, v_cache, positions, scale, window=0, cos=None, sin=None, prefetch=None):
+    return empty_token_major(*q.shape[:-1], v.shape[-1], like=q)

@@ -54,7 +54,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .attention import _check, cached_attention, cached_attention_reference, prompt_attention
+from .attention import (_check, cached_attention, cached_attention_reference, empty_token_major, prompt_attention,
+                        token_major)
 from .rotary import rotary_reference
 from .rotary_triton import rotary_triton, supported as rotary_supported
 
@@ -480,15 +481,23 @@ def _rotary_in_decode(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> bool:
             and cos.dim() == 3 and cos.shape == sin.shape and cos.shape[1:] == (1, dim) and cos.shape[0] in (1, batch))
 
 
-def _rotated(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
-    """q and k rotated by their own kernel (the reference for what that kernel does not take)."""
-    return rotary_triton(q, k, cos, sin) if rotary_supported(q, k, cos, sin) else rotary_reference(q, k, cos, sin)
+def _rotated(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, token_major_out: bool = False) -> tuple[Tensor, Tensor]:
+    """q and k rotated by their own kernel (the reference for what that kernel does not take); with
+    ``token_major_out`` the kernel writes them token-major ([B, S, H, D] in memory)."""
+    if not rotary_supported(q, k, cos, sin):
+        return rotary_reference(q, k, cos, sin)
+    if not token_major_out:
+        return rotary_triton(q, k, cos, sin)
+    dtype = torch.promote_types(q.dtype, cos.dtype)
+    return rotary_triton(q, k, cos, sin, q_out=empty_token_major(*q.shape, like=q, dtype=dtype),
+                         k_out=empty_token_major(*k.shape, like=k, dtype=torch.promote_types(k.dtype, cos.dtype)))
 
 
 def cached_attention_triton(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
                             positions: Tensor, scale: float, window: int = 0,
                             cos: Tensor | None = None, sin: Tensor | None = None,
-                            prefetch: Tensor | None = None, *, num_splits: int | None = None) -> Tensor:
+                            prefetch: Tensor | None = None, *, num_splits: int | None = None,
+                            token_major_out: bool = False) -> Tensor:
     """Same contract as ``cached_attention_reference``, on Triton kernels (CUDA tensors, or CPU
     tensors under ``TRITON_INTERPRET=1``). No host sync: safe to capture in a CUDA graph.
 
@@ -496,7 +505,8 @@ def cached_attention_triton(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_
     arguments that kernel does not take) run the rotary kernel first.
     ``num_splits`` overrides the decode split count (tests; tuning); by default it follows
     ``decode_num_splits``. Decode prefetches ``prefetch`` (a weight) into L2 on Hopper GPUs
-    (``triton_env.prefetch_plan``); prompts, compute-bound, ignore it.
+    (``triton_env.prefetch_plan``); prompts, compute-bound, ignore it. ``token_major_out``: the
+    output [B, Hq, S, Dv] has [B, S, Hq, Dv] in memory (``prompt_attention``'s layout).
     """
     if triton is None:
         raise RuntimeError("cached_attention_triton: triton is not installed")
@@ -508,7 +518,10 @@ def cached_attention_triton(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_
         q, k = _rotated(q, k, cos, sin)
         cos = sin = None
     batch, heads_q, seq, _ = q.shape
-    out = torch.empty((batch, heads_q, seq, v.shape[-1]), dtype=q.dtype, device=q.device)
+    if token_major_out:
+        out = empty_token_major(batch, heads_q, seq, v.shape[-1], like=q)
+    else:
+        out = torch.empty((batch, heads_q, seq, v.shape[-1]), dtype=q.dtype, device=q.device)
     if out.numel() == 0:
         return out
     if seq == 1:
@@ -530,22 +543,25 @@ def prompt_attention_cuda(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_ca
                           cos: Tensor | None = None, sin: Tensor | None = None,
                           prefetch: Tensor | None = None) -> Tensor:
     """``prompt_attention`` on CUDA: q and k rotated (with cos/sin), k/v scattered into the caches,
-    then causal SDPA over q, k, v.
+    then causal SDPA over q, k, v; the output token-major (``attention.token_major``).
 
     Sliding windows, fp32, mixed dtypes, q/v head dims that differ and single tokens take
     ``cached_attention_triton`` instead, which computes the same thing from the cache. ``prefetch``
-    is ignored: a prompt is bound by its arithmetic, not by the weights' bytes."""
+    is ignored: a prompt is bound by its arithmetic, not by the weights' bytes.
+    The rotary kernel writes q token-major, and SDPA's cuDNN and flash kernels write their output
+    in q's layout: no copy (q is token-major anyway without a rotary: a linear's output transposed)."""
     _check(q, k, v, k_cache, v_cache, positions)
     if cos is not None:
-        q, k = _rotated(q, k, cos, sin)
+        q, k = _rotated(q, k, cos, sin, token_major_out=True)
     simple = (window <= 0 and q.shape[2] > 1 and q.dtype in (torch.float16, torch.bfloat16)
               and k.dtype == q.dtype and v.dtype == q.dtype and q.shape[-1] == v.shape[-1])
     if not simple:
-        return cached_attention_triton(q, k, v, k_cache, v_cache, positions, scale, window)
+        return cached_attention_triton(q, k, v, k_cache, v_cache, positions, scale, window, token_major_out=True)
     write_cache(k, v, k_cache, v_cache, positions)
     with sdpa_kernel(PROMPT_BACKENDS, set_priority=True):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
-                                              enable_gqa=q.shape[1] != k.shape[1])
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
+                                             enable_gqa=q.shape[1] != k.shape[1])
+    return token_major(out)
 
 
 def register() -> bool:

@@ -15,7 +15,8 @@ gives each program a few heads so that cos/sin are read once for several.
 
 q/k may have any strides: they are transposes of linear outputs ([B, S, H, D] viewed as
 [B, H, S, D]), read in place. cos/sin [B, S, D] may have any strides too, a batch of 1 broadcast
-over B with stride 0. Outputs are new contiguous [B, H, S, D] tensors.
+over B with stride 0. Outputs are new contiguous [B, H, S, D] tensors, or given ones of any strides
+with the head dim's 1 (``prompt_attention`` passes token-major ones: [B, S, H, D] in memory).
 
 Numerics follow the reference, which rounds after each product and after the sum (eager PyTorch
 on bf16 does): products and sums are in fp32, each rounded to the output dtype
@@ -47,12 +48,13 @@ PREFILL_LANES = 1024
 
 @_jit
 def _rotate_heads(
-    X, OUT, b, s, h0, H, S,
-    sx_b, sx_h, sx_s, sx_d,
+    X, OUT, b, s, h0, H,
+    sx_b, sx_h, sx_s, sx_d, so_b, so_h, so_s,
     c1, c2, s1, s2,
     HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
 ):
-    """Heads h0 .. h0 + BLOCK_H - 1 (those < H) of token (b, s) of X, rotated into OUT [B, H, S, D]."""
+    """Heads h0 .. h0 + BLOCK_H - 1 (those < H) of token (b, s) of X, rotated into OUT [B, H, S, D]
+    (strides so_*, the head dim's 1)."""
     offs_h = h0 + tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_HALF)
     mask = (offs_h < H)[:, None] & (offs_d < HALF)[None, :]
@@ -64,8 +66,7 @@ def _rotate_heads(
     # in fp32). The sine term of the first half is (-x2) * sin: negation is exact, so -(x2 * sin).
     o1 = (x1 * c1[None, :]).to(dt).to(tl.float32) - (x2 * s1[None, :]).to(dt).to(tl.float32)
     o2 = (x2 * c2[None, :]).to(dt).to(tl.float32) + (x1 * s2[None, :]).to(dt).to(tl.float32)
-    # OUT is contiguous [B, H, S, D]: element (b, h, s, d) at ((b * H + h) * S + s) * D + d.
-    o_ptr = OUT + ((b * H + offs_h[:, None]) * S + s) * (2 * HALF) + offs_d[None, :]
+    o_ptr = OUT + b * so_b + s * so_s + offs_h[:, None] * so_h + offs_d[None, :]
     tl.store(o_ptr, o1.to(dt), mask=mask)
     tl.store(o_ptr + HALF, o2.to(dt), mask=mask)
 
@@ -76,6 +77,7 @@ def _rotary_kernel(
     S, HQ, HKV,
     sq_b, sq_h, sq_s, sq_d, sk_b, sk_h, sk_s, sk_d,
     sc_b, sc_s, sc_d, ss_b, ss_s, ss_d,
+    sqo_b, sqo_h, sqo_s, sko_b, sko_h, sko_s,
     HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
 ):
     """One token (b, s), one block of BLOCK_H heads of q or of k."""
@@ -96,11 +98,11 @@ def _rotary_kernel(
 
     n_q_blocks = tl.cdiv(HQ, BLOCK_H)
     if blk < n_q_blocks:
-        _rotate_heads(Q, QO, b, s, blk * BLOCK_H, HQ, S, sq_b, sq_h, sq_s, sq_d, c1, c2, s1, s2,
-                      HALF, BLOCK_H, BLOCK_HALF)
-    else:
-        _rotate_heads(K, KO, b, s, (blk - n_q_blocks) * BLOCK_H, HKV, S, sk_b, sk_h, sk_s, sk_d,
+        _rotate_heads(Q, QO, b, s, blk * BLOCK_H, HQ, sq_b, sq_h, sq_s, sq_d, sqo_b, sqo_h, sqo_s,
                       c1, c2, s1, s2, HALF, BLOCK_H, BLOCK_HALF)
+    else:
+        _rotate_heads(K, KO, b, s, (blk - n_q_blocks) * BLOCK_H, HKV, sk_b, sk_h, sk_s, sk_d,
+                      sko_b, sko_h, sko_s, c1, c2, s1, s2, HALF, BLOCK_H, BLOCK_HALF)
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -129,16 +131,18 @@ def supported(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> bool:
 def _out(out: Tensor | None, shape, dtype, device, name: str) -> Tensor:
     if out is None:
         return torch.empty(shape, dtype=dtype, device=device)
-    if out.shape != shape or out.dtype != dtype or not out.is_contiguous():
-        raise ValueError(f"rotary_triton: {name} must be a contiguous {dtype} tensor of shape {tuple(shape)}")
+    if out.shape != shape or out.dtype != dtype or out.device != device or out.stride(-1) != 1:
+        raise ValueError(f"rotary_triton: {name} must be a {dtype} tensor of shape {tuple(shape)} on {device} "
+                         f"with the last dim's stride 1")
     return out
 
 
 def rotary_triton(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, *,
                   q_out: Tensor | None = None, k_out: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """``rotary_reference`` on the Triton kernel (CUDA tensors, or CPU under TRITON_INTERPRET=1).
-    ``q_out``/``k_out`` (contiguous, q/k's shape, ``promote(x, cos)``) are written instead of new
-    tensors. No host sync: safe to capture in a CUDA graph."""
+    ``q_out``/``k_out`` (q/k's shape and device, ``promote(x, cos)``, any strides with the last dim's 1;
+    distinct memory from q/k) are written instead of new tensors. No host sync: safe to capture in a
+    CUDA graph."""
     if triton is None:
         raise RuntimeError("rotary_triton: triton is not installed")
     if q.device.type != "cuda" and not INTERPRET:
@@ -160,7 +164,7 @@ def rotary_triton(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, *,
     _rotary_kernel[grid](
         q, k, cos, sin, q_out, k_out,
         seq, heads_q, heads_kv,
-        *q.stride(), *k.stride(), *cos.stride(), *sin.stride(),
+        *q.stride(), *k.stride(), *cos.stride(), *sin.stride(), *q_out.stride()[:3], *k_out.stride()[:3],
         HALF=half, BLOCK_H=block_h, BLOCK_HALF=block_half,
         num_warps=min(max(block_h * block_half // 256, 1), 8),
         # No FMA contraction: it would fuse a product into the sum and skip the product's rounding
