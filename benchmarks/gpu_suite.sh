@@ -22,8 +22,9 @@ export PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSITY=error PYTHONPATH="$PWD${PYTHONP
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
 MODELS=${MODELS:-llama2-7b llama-1b}  # anchors, cold: the model shapes, in this order
-NEWEST_TESTS="tests/test_fuse.py tests/test_greedy_loop.py tests/test_sampling_triton.py tests/test_cuda_graph.py"
-NEWEST_K="cuda_as_on_cpu or loop or feedback or captured"
+NEWEST_TESTS="tests/test_attention_triton.py tests/test_norm_rotary_act_triton.py tests/test_cuda_graph.py
+  tests/test_generate.py"
+NEWEST_K="prompt_attention or token_major or rotary or prefill"
 # Compiling ahead is the newest change: its GPU tests run once a call, before anything that
 # compiles a model; if they failed, what follows compiles kernels one by one.
 check_ahead() {
