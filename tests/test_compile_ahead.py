@@ -4,6 +4,8 @@ On a GPU: a held-back launch writes nothing and leaves its kernel compiled; a mo
 same tokens, bit for bit, whether its captures compiled their kernels ahead or one by one."""
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -119,3 +121,32 @@ def test_gpu_decoding_is_the_same_with_kernels_compiled_ahead_or_one_by_one(monk
         out[ahead] = (compiled.generate(ids, max_new_tokens=10),
                       compiled.generate(ids[:1], max_new_tokens=10, do_sample=True, seed=2))
     assert torch.equal(out[True][0], out[False][0]) and torch.equal(out[True][1], out[False][1])
+
+
+@contextlib.contextmanager
+def _pretend_to_hold_back():
+    """compile_ahead's hold on launches, without Triton's asynchronous compile (no GPU here)."""
+    token = triton_env._COMPILE_ONLY.set(True)
+    try:
+        yield True
+    finally:
+        triton_env._COMPILE_ONLY.reset(token)
+
+
+def test_a_failing_dry_run_is_warned_of_and_the_capture_goes_on(monkeypatch):
+    """cuda_graph's dry run before a capture: an error there is a warning, not a failure (the
+    warm-up reruns the step for real), and the step itself still runs afterwards."""
+    from fxopt.runtime import cuda_graph
+    calls = []
+
+    def step():
+        calls.append(triton_env._COMPILE_ONLY.get())
+        if len(calls) == 1:
+            raise RuntimeError("took a decision from garbage")
+
+    monkeypatch.setattr(cuda_graph, "compile_ahead", _pretend_to_hold_back)
+    with pytest.warns(UserWarning, match="compiling a capture's kernels ahead failed \\(RuntimeError: took a"):
+        cuda_graph._dry_run(step)
+    step()
+    assert calls == [True, False]
+

@@ -33,9 +33,9 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Compiling ahead: a cold start compiles its kernels side by side, not one launch after the other.
 # --------------------------------------------------------------------------------------------- #
 #
-# A first decode step or prefill launches a few dozen distinct kernels (tiles and folds differ by
-# linear), and each first launch compiles its kernel before running it: a fraction of a second to
-# a second each, one after the other. Inside ``compile_ahead()`` a launch of an fxopt kernel only
+# A first prefill or decode step launches about a dozen distinct kernels (tiles and folds differ by
+# linear: 11 for the llama shapes in bf16), and each first launch compiles its kernel before running
+# it, a fraction of a second to a second each, one after the other. Inside ``compile_ahead()`` a launch of an fxopt kernel only
 # submits its compilation to a thread pool (Triton's ``AsyncCompileMode``: the compiler and ptxas
 # run outside the GIL) and runs nothing; leaving the block waits for all of them. So
 #
@@ -47,7 +47,8 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # uninitialized): only a run whose results are thrown away may be dry, and it must not index with
 # a kernel's output (``runtime/cuda_graph.capture`` runs one before its warm-up runs, whose inputs
 # are all given). Without Triton, under the interpreter or with a Triton lacking the hook, the
-# block runs its body as usual.
+# block runs its body as usual. Measured (benchmarks/cold_start.py, H100, 16 host cores, 2026-12-08):
+# a cold start of the llama2-7b shape 15.0 -> 13.5 s, of llama-1b 13.1 -> 10.7 s.
 
 _COMPILE_ONLY = contextvars.ContextVar("fxopt_triton_compile_only", default=False)
 
