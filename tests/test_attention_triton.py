@@ -198,6 +198,25 @@ def test_prompt_attention_is_causal_attention_over_the_prompt(heads_q, heads_kv,
     assert [st for st, n in zip(fake.stride(), fake.shape) if n > 1] == [st for st, n in zip(out.stride(), out.shape) if n > 1]
 
 
+@pytest.mark.parametrize("heads_q, heads_kv, dim, seq, batch, rotary", [
+    (6, 2, 48, 13, 2, True),  # GQA: the rotary kernel writes k and v into the caches
+    (4, 4, 16, 70, 1, True),  # several heads a rotary program
+    (6, 2, 48, 13, 2, False),  # no rotary: write_cache
+])
+def test_prompt_attention_cuda_path(heads_q, heads_kv, dim, seq, batch, rotary, monkeypatch):
+    """prompt_attention's CUDA implementation, run here on the CPU (its kernels in the interpreter,
+    fp16; SDPA's CPU kernel): causal attention over the prompt, k/v in the caches exactly (by the
+    rotary kernel itself when there is a rotary), the output token-major."""
+    dtype = torch.float16
+    writes = []
+    monkeypatch.setattr(at, "write_cache", lambda *a, _write=at.write_cache: writes.append(_write(*a)))
+    case = make_case(batch, heads_q, heads_kv, seq, dim, [0] * batch, MAX_SEQ, dtype)
+    cos, sin = rotary_tables(batch, seq, dim, dtype) if rotary else (None, None)
+    out = check(*case, op=at.prompt_attention_cuda, cos=cos, sin=sin)
+    assert out.transpose(1, 2).is_contiguous()
+    assert len(writes) == (0 if rotary else 1)
+
+
 @pytest.mark.parametrize("heads_q, heads_kv, dim, starts, rotary", [(6, 2, 48, [0, 0], True), (4, 4, 16, [3], False)])
 def test_prefill_writes_a_token_major_output_when_asked(heads_q, heads_kv, dim, starts, rotary):
     """The Triton prefill path (prompt_attention's fallback on CUDA) writes its output

@@ -248,6 +248,51 @@ def test_rotary_writes_outputs_of_any_layout(batch, heads_q, heads_kv, seq, dim)
     assert torch.isnan(padded[untouched]).all()
 
 
+@pytest.mark.parametrize("batch, heads_q, heads_kv, seq, dim, dtype, cache_dtype", [
+    (2, 6, 2, 5, 16, torch.float32, torch.float32),
+    (1, 4, 4, 70, 48, torch.float16, torch.float16),  # several heads a program; head dim 48
+    (3, 9, 3, 4, 64, torch.float16, torch.float32),  # a cache of another dtype: rounded to it
+])
+def test_rotary_writes_k_and_v_into_the_caches(batch, heads_q, heads_kv, seq, dim, dtype, cache_dtype):
+    """With ``cache=``, the same launch puts the rotated k and v at each token's slot, exactly what
+    the reference rotary then a scatter gives; slots outside the cache are skipped, nothing else is
+    touched; q and k come out as without it."""
+    q, k, cos, sin = make_rotary(batch, heads_q, heads_kv, seq, dim, dtype, seed=21)
+    v = rand(batch, seq, heads_kv, dim, dtype=dtype, seed=25).transpose(1, 2)
+    max_seq = 2 * seq + 3
+    gen = torch.Generator().manual_seed(4)
+    positions = torch.stack([torch.randperm(max_seq, generator=gen)[:seq] for _ in range(batch)]).to(DEVICE)
+    positions[0, -1] = max_seq  # outside the cache: skipped
+    k_cache, v_cache = (poisoned((batch + 1, heads_kv, max_seq, dim), cache_dtype) for _ in range(2))
+    eq, ek = rotary_reference(q, k, cos, sin)
+    want_k, want_v = k_cache.clone(), v_cache.clone()
+    for b in range(batch):
+        for t in range(seq):
+            if positions[b, t] < max_seq:
+                want_k[b, :, positions[b, t]] = ek[b, :, t].to(cache_dtype)
+                want_v[b, :, positions[b, t]] = v[b, :, t].to(cache_dtype)
+    assert rot_t.cache_supported(k, v, k_cache, v_cache, positions)
+    gq, gk = rot_t.rotary_triton(q, k, cos, sin, cache=(v, k_cache, v_cache, positions))
+    torch.testing.assert_close(gq, eq, atol=0, rtol=0)
+    torch.testing.assert_close(gk, ek, atol=0, rtol=0)
+    torch.testing.assert_close(k_cache, want_k, atol=0, rtol=0, equal_nan=True)
+    torch.testing.assert_close(v_cache, want_v, atol=0, rtol=0, equal_nan=True)
+    assert k_cache.isnan().sum() == want_k.isnan().sum() > 0  # the untouched slots stay poisoned
+
+
+def test_rotary_cache_supported_names_what_does_not_fit():
+    q, k, cos, sin = make_rotary(2, 4, 2, 3, 16, torch.float32)
+    v, cache, positions = k.clone(), torch.zeros(2, 2, 8, 16), torch.zeros(2, 3, dtype=torch.long)
+    assert rot_t.cache_supported(k, v, cache, cache, positions)
+    assert not rot_t.cache_supported(k, v[..., :8], cache, cache, positions)  # v's head dim differs
+    assert not rot_t.cache_supported(k, v, cache[:1], cache, positions)  # fewer rows than the batch
+    assert not rot_t.cache_supported(k, v, cache, cache[:, :1], positions)  # other kv heads
+    assert not rot_t.cache_supported(k, v, cache, cache, positions.float())
+    assert not rot_t.cache_supported(k, v, cache, cache.transpose(2, 3).contiguous().transpose(2, 3), positions)
+    with pytest.raises(ValueError, match="the caches do not fit k"):
+        rot_t.rotary_triton(q, k, cos, sin, cache=(v, cache[:1], cache, positions))
+
+
 def test_rotary_refuses_an_output_it_cannot_write():
     q, k, cos, sin = make_rotary(1, 2, 2, 3, 16, torch.float32)
     with pytest.raises(ValueError, match="q_out must be a torch.float32 tensor of shape \\(1, 2, 3, 16\\)"):

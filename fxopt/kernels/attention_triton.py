@@ -26,8 +26,9 @@ Prefill (S > 1): a small scatter kernel writes the S new k/v rows into the cache
     compute-bound and this keeps it simple. It replaces the reference, which on CUDA builds an fp32
     score tensor over the whole ``max_seq`` cache ([B, Hq, S, max_seq]: gigabytes for long prompts).
 
-Prompts from slot 0 (``fxopt.prompt_attention``, the prefill graph's op): the scatter kernel, then
-    causal attention over q, k, v by PyTorch's SDPA, cuDNN's kernel first: on an H200 (2026-11-27,
+Prompts from slot 0 (``fxopt.prompt_attention``, the prefill graph's op): the rotary kernel, which
+    also writes k/v into the caches (``rotary_triton(..., cache=...)``; the scatter kernel when there
+    is no rotary), then causal attention over q, k, v by PyTorch's SDPA, cuDNN's kernel first: on an H200 (2026-11-27,
     S = 2048, bf16) 85.7 µs for the llama2-7b heads against 159.8 µs for the prefill kernel below and
     163.1 µs for SDPA's flash-attention kernel; 57.2 against 94.1 µs for llama-1b's (GQA).
 
@@ -57,7 +58,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from .attention import (_check, cached_attention, cached_attention_reference, empty_token_major, prompt_attention,
                         token_major)
 from .rotary import rotary_reference
-from .rotary_triton import rotary_triton, supported as rotary_supported
+from .rotary_triton import cache_supported as rotary_cache_supported, rotary_triton, supported as rotary_supported
 
 from .triton_env import INTERPRET, PREFETCH_CHUNKS, jit as _jit, pdl_code, prefetch_plan, tl, triton
 
@@ -542,8 +543,9 @@ def prompt_attention_cuda(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_ca
                           positions: Tensor, scale: float, window: int = 0,
                           cos: Tensor | None = None, sin: Tensor | None = None,
                           prefetch: Tensor | None = None) -> Tensor:
-    """``prompt_attention`` on CUDA: q and k rotated (with cos/sin), k/v scattered into the caches,
-    then causal SDPA over q, k, v; the output token-major (``attention.token_major``).
+    """``prompt_attention`` on CUDA: q and k rotated (with cos/sin), k/v scattered into the caches --
+    one kernel for both where the rotary kernel takes the caches -- then causal SDPA over q, k, v;
+    the output token-major (``attention.token_major``).
 
     Sliding windows, fp32, mixed dtypes, q/v head dims that differ and single tokens take
     ``cached_attention_triton`` instead, which computes the same thing from the cache. ``prefetch``
@@ -551,13 +553,24 @@ def prompt_attention_cuda(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_ca
     The rotary kernel writes q token-major, and SDPA's cuDNN and flash kernels write their output
     in q's layout: no copy (q is token-major anyway without a rotary: a linear's output transposed)."""
     _check(q, k, v, k_cache, v_cache, positions)
-    if cos is not None:
-        q, k = _rotated(q, k, cos, sin, token_major_out=True)
-    simple = (window <= 0 and q.shape[2] > 1 and q.dtype in (torch.float16, torch.bfloat16)
-              and k.dtype == q.dtype and v.dtype == q.dtype and q.shape[-1] == v.shape[-1])
+    dtype = torch.promote_types(q.dtype, cos.dtype) if cos is not None else q.dtype  # q's after the rotary
+    k_dtype = torch.promote_types(k.dtype, cos.dtype) if cos is not None else k.dtype
+    simple = (window <= 0 and q.shape[2] > 1 and dtype in (torch.float16, torch.bfloat16)
+              and k_dtype == dtype and v.dtype == dtype and q.shape[-1] == v.shape[-1])
     if not simple:
+        if cos is not None:
+            q, k = _rotated(q, k, cos, sin, token_major_out=True)
         return cached_attention_triton(q, k, v, k_cache, v_cache, positions, scale, window, token_major_out=True)
-    write_cache(k, v, k_cache, v_cache, positions)
+    if cos is not None and rotary_supported(q, k, cos, sin) and rotary_cache_supported(k, v, k_cache, v_cache,
+                                                                                       positions):
+        # one kernel rotates q and k and writes k and v into the caches
+        q, k = rotary_triton(q, k, cos, sin, q_out=empty_token_major(*q.shape, like=q, dtype=dtype),
+                             k_out=empty_token_major(*k.shape, like=k, dtype=k_dtype),
+                             cache=(v, k_cache, v_cache, positions))
+    else:
+        if cos is not None:
+            q, k = _rotated(q, k, cos, sin, token_major_out=True)
+        write_cache(k, v, k_cache, v_cache, positions)
     with sdpa_kernel(PROMPT_BACKENDS, set_priority=True):
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
                                              enable_gqa=q.shape[1] != k.shape[1])

@@ -51,10 +51,12 @@ def _rotate_heads(
     X, OUT, b, s, h0, H,
     sx_b, sx_h, sx_s, sx_d, so_b, so_h, so_s,
     c1, c2, s1, s2,
-    HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    CACHE, slot, in_cache, sc_b, sc_h, sc_s,
+    HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, TO_CACHE: tl.constexpr,
 ):
     """Heads h0 .. h0 + BLOCK_H - 1 (those < H) of token (b, s) of X, rotated into OUT [B, H, S, D]
-    (strides so_*, the head dim's 1)."""
+    (strides so_*, the head dim's 1); with TO_CACHE also into CACHE at slot ``slot`` of row b (if
+    ``in_cache``, 0 or 1), rounded from OUT's dtype to the cache's."""
     offs_h = h0 + tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_HALF)
     mask = (offs_h < H)[:, None] & (offs_d < HALF)[None, :]
@@ -64,23 +66,40 @@ def _rotate_heads(
     dt = OUT.dtype.element_ty
     # Round each product and the sum to the output dtype, as the reference's separate ops do (no-ops
     # in fp32). The sine term of the first half is (-x2) * sin: negation is exact, so -(x2 * sin).
-    o1 = (x1 * c1[None, :]).to(dt).to(tl.float32) - (x2 * s1[None, :]).to(dt).to(tl.float32)
-    o2 = (x2 * c2[None, :]).to(dt).to(tl.float32) + (x1 * s2[None, :]).to(dt).to(tl.float32)
+    o1 = ((x1 * c1[None, :]).to(dt).to(tl.float32) - (x2 * s1[None, :]).to(dt).to(tl.float32)).to(dt)
+    o2 = ((x2 * c2[None, :]).to(dt).to(tl.float32) + (x1 * s2[None, :]).to(dt).to(tl.float32)).to(dt)
     o_ptr = OUT + b * so_b + s * so_s + offs_h[:, None] * so_h + offs_d[None, :]
-    tl.store(o_ptr, o1.to(dt), mask=mask)
-    tl.store(o_ptr + HALF, o2.to(dt), mask=mask)
+    tl.store(o_ptr, o1, mask=mask)
+    tl.store(o_ptr + HALF, o2, mask=mask)
+    if TO_CACHE:
+        _store_slot(CACHE, b, slot, in_cache, offs_h, offs_d, H, sc_b, sc_h, sc_s, o1, o2, HALF)
+
+
+@_jit
+def _store_slot(CACHE, b, slot, in_cache, offs_h, offs_d, H, sc_b, sc_h, sc_s, x1, x2, HALF: tl.constexpr):
+    """Both halves of heads ``offs_h`` into slot ``slot`` of row b of CACHE [B, H, max_seq, D] (the
+    head dim's stride 1), in its dtype; nothing where ``in_cache`` is 0 (a slot outside the cache).
+    (The bound is folded into the head mask: the interpreter turns ``vector & scalar`` into ints,
+    which tl.store rejects.)"""
+    mask = (offs_h < H * in_cache)[:, None] & (offs_d < HALF)[None, :]
+    ptr = CACHE + b * sc_b + slot * sc_s + offs_h[:, None] * sc_h + offs_d[None, :]
+    dt = CACHE.dtype.element_ty
+    tl.store(ptr, x1.to(dt), mask=mask)
+    tl.store(ptr + HALF, x2.to(dt), mask=mask)
 
 
 @_jit
 def _rotary_kernel(
-    Q, K, COS, SIN, QO, KO,
-    S, HQ, HKV,
+    Q, K, COS, SIN, QO, KO, V, KC, VC, POS,
+    S, HQ, HKV, max_seq,
     sq_b, sq_h, sq_s, sq_d, sk_b, sk_h, sk_s, sk_d,
     sc_b, sc_s, sc_d, ss_b, ss_s, ss_d,
     sqo_b, sqo_h, sqo_s, sko_b, sko_h, sko_s,
-    HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    sv_b, sv_h, sv_s, sv_d, skc_b, skc_h, skc_s, svc_b, svc_h, svc_s, sp_b, sp_s,
+    HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, CACHE: tl.constexpr,
 ):
-    """One token (b, s), one block of BLOCK_H heads of q or of k."""
+    """One token (b, s), one block of BLOCK_H heads of q or of k -- or, with CACHE, of v: then the
+    rotated k and v also go to KC and VC at slot POS[b, s] (skipped outside [0, max_seq))."""
     tok = tl.program_id(0)
     b = (tok // S).to(tl.int64)  # int64: b * batch stride can pass 2**31 for long prompts
     s = (tok % S).to(tl.int64)
@@ -95,14 +114,27 @@ def _rotary_kernel(
     c2 = tl.load(c_ptr + HALF * sc_d, mask=mask_d, other=0.0).to(tl.float32)
     s1 = tl.load(s_ptr, mask=mask_d, other=0.0).to(tl.float32)
     s2 = tl.load(s_ptr + HALF * ss_d, mask=mask_d, other=0.0).to(tl.float32)
+    slot = 0
+    in_cache = 0
+    if CACHE:
+        slot = tl.load(POS + b * sp_b + s * sp_s).to(tl.int64)
+        in_cache = ((slot >= 0) & (slot < max_seq)).to(tl.int32)
 
     n_q_blocks = tl.cdiv(HQ, BLOCK_H)
+    n_k_blocks = tl.cdiv(HKV, BLOCK_H)
     if blk < n_q_blocks:
         _rotate_heads(Q, QO, b, s, blk * BLOCK_H, HQ, sq_b, sq_h, sq_s, sq_d, sqo_b, sqo_h, sqo_s,
-                      c1, c2, s1, s2, HALF, BLOCK_H, BLOCK_HALF)
-    else:
+                      c1, c2, s1, s2, KC, slot, in_cache, skc_b, skc_h, skc_s, HALF, BLOCK_H, BLOCK_HALF, False)
+    elif blk < n_q_blocks + n_k_blocks:
         _rotate_heads(K, KO, b, s, (blk - n_q_blocks) * BLOCK_H, HKV, sk_b, sk_h, sk_s, sk_d,
-                      sko_b, sko_h, sko_s, c1, c2, s1, s2, HALF, BLOCK_H, BLOCK_HALF)
+                      sko_b, sko_h, sko_s, c1, c2, s1, s2, KC, slot, in_cache, skc_b, skc_h, skc_s,
+                      HALF, BLOCK_H, BLOCK_HALF, CACHE)
+    else:  # CACHE only: v to its cache as it is
+        offs_h = (blk - n_q_blocks - n_k_blocks) * BLOCK_H + tl.arange(0, BLOCK_H)
+        mask = (offs_h < HKV)[:, None] & mask_d[None, :]
+        v_ptr = V + b * sv_b + s * sv_s + offs_h[:, None] * sv_h + offs_d[None, :] * sv_d
+        _store_slot(VC, b, slot, in_cache, offs_h, offs_d, HKV, svc_b, svc_h, svc_s,
+                    tl.load(v_ptr, mask=mask, other=0.0), tl.load(v_ptr + HALF * sv_d, mask=mask, other=0.0), HALF)
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -138,17 +170,23 @@ def _out(out: Tensor | None, shape, dtype, device, name: str) -> Tensor:
 
 
 def rotary_triton(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, *,
-                  q_out: Tensor | None = None, k_out: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                  q_out: Tensor | None = None, k_out: Tensor | None = None,
+                  cache: tuple[Tensor, Tensor, Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
     """``rotary_reference`` on the Triton kernel (CUDA tensors, or CPU under TRITON_INTERPRET=1).
     ``q_out``/``k_out`` (q/k's shape and device, ``promote(x, cos)``, any strides with the last dim's 1;
-    distinct memory from q/k) are written instead of new tensors. No host sync: safe to capture in a
-    CUDA graph."""
+    distinct memory from q/k) are written instead of new tensors. ``cache = (v, k_cache, v_cache,
+    positions)``: in the same launch, the rotated k and v [B, Hkv, S, D] also go into the caches
+    [>= B, Hkv, max_seq, D] at slots ``positions`` [B, S] (what ``attention_triton.write_cache`` does
+    after the rotary, a read of k and a launch less; see ``cache_supported``). No host sync: safe to
+    capture in a CUDA graph."""
     if triton is None:
         raise RuntimeError("rotary_triton: triton is not installed")
     if q.device.type != "cuda" and not INTERPRET:
         raise RuntimeError("rotary_triton: CPU tensors need TRITON_INTERPRET=1 set before fxopt is imported")
     if not supported(q, k, cos, sin):
         raise ValueError("rotary_triton: unsupported arguments (see supported()); use the reference")
+    if cache is not None and not cache_supported(k, *cache):
+        raise ValueError("rotary_triton: the caches do not fit k (see cache_supported())")
     batch, heads_q, seq, dim = q.shape
     heads_kv = k.shape[1]
     q_out = _out(q_out, q.shape, torch.promote_types(q.dtype, cos.dtype), q.device, "q_out")
@@ -160,12 +198,15 @@ def rotary_triton(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, *,
     half = dim // 2
     block_half = triton.next_power_of_2(half)
     block_h = _block_h(tokens, max(heads_q, heads_kv), block_half)
-    grid = (tokens, triton.cdiv(heads_q, block_h) + triton.cdiv(heads_kv, block_h))
+    kv_blocks = triton.cdiv(heads_kv, block_h)
+    grid = (tokens, triton.cdiv(heads_q, block_h) + kv_blocks * (2 if cache is not None else 1))
+    v, k_cache, v_cache, positions = cache if cache is not None else (k, k_out, k_out, q_out)  # unread
     _rotary_kernel[grid](
-        q, k, cos, sin, q_out, k_out,
-        seq, heads_q, heads_kv,
+        q, k, cos, sin, q_out, k_out, v, k_cache, v_cache, positions,
+        seq, heads_q, heads_kv, k_cache.shape[2],
         *q.stride(), *k.stride(), *cos.stride(), *sin.stride(), *q_out.stride()[:3], *k_out.stride()[:3],
-        HALF=half, BLOCK_H=block_h, BLOCK_HALF=block_half,
+        *v.stride(), *k_cache.stride()[:3], *v_cache.stride()[:3], *positions.stride()[:2],
+        HALF=half, BLOCK_H=block_h, BLOCK_HALF=block_half, CACHE=cache is not None,
         num_warps=min(max(block_h * block_half // 256, 1), 8),
         # No FMA contraction: it would fuse a product into the sum and skip the product's rounding
         # (LLVM narrows the fp32 ops between bf16/fp16 casts to native bf16x2/f16x2 ones, then
@@ -174,6 +215,17 @@ def rotary_triton(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, *,
         enable_fp_fusion=False,
     )
     return q_out, k_out
+
+
+def cache_supported(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, positions: Tensor) -> bool:
+    """Whether ``rotary_triton(..., cache=(v, k_cache, v_cache, positions))`` takes these: v of k's
+    shape, caches [>= B, Hkv, max_seq, D] on k's device with the head dim's stride 1 (any dtype: the
+    values are rounded to it), positions [B, S] of integers."""
+    batch, heads_kv, seq, dim = k.shape
+    return (v.shape == k.shape and v.dtype in DTYPES and positions.shape == (batch, seq)
+            and not positions.is_floating_point() and positions.device == k.device
+            and all(c.dim() == 4 and c.shape[0] >= batch and c.shape[1] == heads_kv and c.shape[3] == dim
+                    and c.stride(-1) == 1 and c.device == k.device and c.dtype in DTYPES for c in (k_cache, v_cache)))
 
 
 # --------------------------------------------------------------------------------------------- #
