@@ -11,6 +11,9 @@ Per run: the model shape with random bf16 weights on the GPU (built before the c
 - **first generate s**: ``generate`` of 2 new tokens on a 128-token prompt, batch 1: every Triton
   kernel of the prefill and of the decode step compiled, their CUDA graphs captured;
 - **ready s**: the two together, what a user waits for before the first token;
+- of the first generate, **captures s**: inside the CUDA-graph captures (``runtime/cuda_graph.capture``:
+  the dry run, the warm-up runs and the capture itself, for the prefill bucket, the decode bucket and
+  its greedy loop), and **dry runs s**: the dry runs alone (kernels compiled ahead);
 - **kernels**: the Triton kernels compiled (entries the run left in its cache).
 
 Each way of compiling the kernels is timed side by side: **ahead** (the default: a dry run before
@@ -35,13 +38,33 @@ PIPELINES = {"bf16": None, "int8": ["canonicalize", "kv_cache", "fuse", "positio
                                     "fold_linear", "dce", "cuda_graph"]}
 
 
+def _timed(spent: dict, key: str, fn):
+    """``fn``, adding the seconds each call takes (CUDA synchronized at both ends) to ``spent[key]``."""
+    import torch
+
+    def timed(*args, **kwargs):
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.cuda.synchronize()
+            spent[key] += time.perf_counter() - started
+    return timed
+
+
 def one(name: str, pipeline: str, ahead: bool) -> dict:
     """One cold start in this process (its Triton cache given by the caller, empty)."""
     import torch
     import fxopt
-    from fxopt.runtime import cuda_graph
+    from fxopt.runtime import cuda_graph, greedy_loop, prefill_graph
     from decode import CONFIGS, build
     cuda_graph.COMPILE_AHEAD = ahead
+    spent = {"captures": 0.0, "dry runs": 0.0}
+    capture = _timed(spent, "captures", cuda_graph.capture)
+    for module in (cuda_graph, greedy_loop, prefill_graph):  # each imported the name
+        module.capture = capture
+    cuda_graph._dry_run = _timed(spent, "dry runs", cuda_graph._dry_run)
     model = build(name)
     torch.cuda.synchronize()
     started = time.perf_counter()
@@ -51,7 +74,7 @@ def one(name: str, pipeline: str, ahead: bool) -> dict:
     compiled.generate(prompt, max_new_tokens=2, eos_token_id=None)
     torch.cuda.synchronize()
     done = time.perf_counter()
-    return {"compile": compiled_at - started, "first generate": done - compiled_at, "ready": done - started}
+    return {"compile": compiled_at - started, "first generate": done - compiled_at, "ready": done - started, **spent}
 
 
 def count_kernels(cache_dir: str) -> int:
@@ -73,12 +96,13 @@ def run(name: str, pipeline: str, ahead: bool) -> dict:
 
 def table(rows: list[dict]) -> str:
     head = f"{'model':<10} {'weights':<7} {'kernels compiled':<16} {'compile s':>9} {'first generate s':>16} " \
-           f"{'ready s':>7} {'kernels':>7}"
+           f"{'ready s':>7} {'captures s':>10} {'dry runs s':>10} {'kernels':>7}"
     lines = [head, "-" * len(head)]
     for r in rows:
         m = r["median"]
         lines.append(f"{r['model']:<10} {r['pipeline']:<7} {r['way']:<16} {m['compile']:>9.1f} "
-                     f"{m['first generate']:>16.1f} {m['ready']:>7.1f} {m['kernels']:>7.0f}")
+                     f"{m['first generate']:>16.1f} {m['ready']:>7.1f} {m['captures']:>10.1f} {m['dry runs']:>10.1f} "
+                     f"{m['kernels']:>7.0f}")
     lines.append("(seconds, median of the runs; each run a fresh process with an empty Triton cache)")
     return "\n".join(lines)
 

@@ -229,13 +229,14 @@ def test_cold_start_table_and_kernel_count(tmp_path, monkeypatch):
         (tmp_path / name).write_text(str(i))
     assert cold_start.count_kernels(str(tmp_path)) == 2
     rows = [dict(model="llama2-7b", pipeline="bf16", way=way,
-                 median={"compile": 8.04, "first generate": first, "ready": 8.04 + first, "kernels": 31})
-            for way, first in (("ahead", 3.46), ("one by one", 12.93))]
+                 median={"compile": 8.04, "first generate": first, "ready": 8.04 + first, "kernels": 31,
+                         "captures": first - 1.02, "dry runs": dry})
+            for way, first, dry in (("ahead", 3.46, 1.24), ("one by one", 12.93, 0.0))]
     lines = cold_start.table(rows).splitlines()
     assert lines[0].split() == ["model", "weights", "kernels", "compiled", "compile", "s", "first", "generate", "s",
-                                "ready", "s", "kernels"]
-    assert lines[2].split() == ["llama2-7b", "bf16", "ahead", "8.0", "3.5", "11.5", "31"]
-    assert lines[3].split() == ["llama2-7b", "bf16", "one", "by", "one", "8.0", "12.9", "21.0", "31"]
+                                "ready", "s", "captures", "s", "dry", "runs", "s", "kernels"]
+    assert lines[2].split() == ["llama2-7b", "bf16", "ahead", "8.0", "3.5", "11.5", "2.4", "1.2", "31"]
+    assert lines[3].split() == ["llama2-7b", "bf16", "one", "by", "one", "8.0", "12.9", "21.0", "11.9", "0.0", "31"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a GPU")
@@ -243,3 +244,22 @@ def test_cold_start_needs_a_gpu():
     result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "cold_start.py"), "--models", "llama-1b"],
                             capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT), timeout=120)
     assert result.returncode == 2 and "a cold start is timed on a CUDA device; none is visible" in result.stderr
+
+
+def test_cold_start_times_each_call_and_passes_results_and_errors_on(monkeypatch):
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    import cold_start
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    spent = {"captures": 0.0}
+
+    def step(x):
+        if x < 0:
+            raise ValueError("negative")
+        return 2 * x
+
+    timed = cold_start._timed(spent, "captures", step)
+    assert timed(3) == 6 and timed(x=4) == 8 and spent["captures"] > 0
+    before = spent["captures"]
+    with pytest.raises(ValueError, match="negative"):
+        timed(-1)
+    assert spent["captures"] >= before
