@@ -219,7 +219,9 @@ def _run(args, compiled, tokenizer, ids, mask, pad, device) -> int:
     printed = ""
     steps = []
     t0 = time.perf_counter()
+    first = None
     for tokens in compiled.stream(ids, attention_mask=mask, **kwargs):
+        first = first if first is not None else time.perf_counter() - t0
         steps.append(tokens)
         if stream:
             text = tokenizer.decode(torch.stack(steps, 1)[0], skip_special_tokens=True)
@@ -234,9 +236,19 @@ def _run(args, compiled, tokenizer, ids, mask, pad, device) -> int:
             print(f"### {prompt}\n{tokenizer.decode(row, skip_special_tokens=True)}\n")
     eos = compiled.info.generation.get("eos_token_id")
     count = sum(_count_until_eos(row.tolist(), eos) for row in new)
-    _log(args, f"{count} tokens in {seconds:.2f}s: {count / max(seconds, 1e-9):.1f} tokens/s "
-               f"({device}, {args.dtype}, batch {encoded.shape[0]}" + (f", tp {args.tp})" if args.tp > 1 else ")"))
+    where = f"{device}, {args.dtype}, batch {encoded.shape[0]}" + (f", tp {args.tp}" if args.tp > 1 else "")
+    _log(args, speed_line(count, new.shape[0], seconds, first, where))
     return 0
+
+
+def speed_line(count: int, rows: int, seconds: float, first: float | None, where: str) -> str:
+    """``count`` tokens of ``rows`` rows in ``seconds``, the first step's after ``first`` seconds: the
+    overall rate, then the first tokens' wait (the prompt's prefill; on a first call also the kernels
+    compiled and the CUDA graphs captured) and the rate after them, which is what decoding costs."""
+    line = f"{count} tokens in {seconds:.2f}s: {count / max(seconds, 1e-9):.1f} tokens/s ({where})"
+    if first is None or count <= rows or seconds <= first:
+        return line
+    return line + f"; the first after {first:.2f}s, then {(count - rows) / (seconds - first):.1f} tokens/s"
 
 
 def _chat(tokenizer, prompt: str) -> str:

@@ -1,4 +1,6 @@
 """The real SmolLM2-135M-Instruct end to end: compile, generate, chat, and the CLI."""
+import re
+
 import pytest
 import torch
 
@@ -48,6 +50,18 @@ def test_cli_generate_chat(capsys):
     assert code == 0
     assert "Paris" in out
     assert "tokens/s" in err and "compiled in" in err
+    assert re.search(r"\d+ tokens in [\d.]+s: [\d.]+ tokens/s \(cpu, float32, batch 1\); the first after [\d.]+s, "
+                     r"then [\d.]+ tokens/s", err), err
+
+
+def test_speed_line_splits_off_the_first_tokens_wait():
+    from fxopt.cli import speed_line
+    # 3 rows, 30 tokens in 2 s, the first step's 3 after 0.5 s: 27 more in 1.5 s
+    assert speed_line(30, 3, 2.0, 0.5, "cuda, bfloat16, batch 3") == (
+        "30 tokens in 2.00s: 15.0 tokens/s (cuda, bfloat16, batch 3); the first after 0.50s, then 18.0 tokens/s")
+    # nothing after the first step (or no step at all): the overall rate alone
+    assert speed_line(3, 3, 0.5, 0.5, "cpu") == "3 tokens in 0.50s: 6.0 tokens/s (cpu)"
+    assert speed_line(0, 1, 0.0, None, "cpu") == "0 tokens in 0.00s: 0.0 tokens/s (cpu)"
 
 
 def test_cli_errors_are_one_line(capsys):
