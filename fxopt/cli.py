@@ -221,7 +221,8 @@ def _run(args, compiled, tokenizer, ids, mask, pad, device) -> int:
     t0 = time.perf_counter()
     first = None
     for tokens in compiled.stream(ids, attention_mask=mask, **kwargs):
-        first = first if first is not None else time.perf_counter() - t0
+        if first is None:  # the first step's tokens: after the prefill (and a first call's captures)
+            first = time.perf_counter() - t0
         steps.append(tokens)
         if stream:
             text = tokenizer.decode(torch.stack(steps, 1)[0], skip_special_tokens=True)

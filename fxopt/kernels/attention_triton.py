@@ -482,15 +482,17 @@ def _rotary_in_decode(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> bool:
             and cos.dim() == 3 and cos.shape == sin.shape and cos.shape[1:] == (1, dim) and cos.shape[0] in (1, batch))
 
 
-def _rotated(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, token_major_out: bool = False) -> tuple[Tensor, Tensor]:
+def _rotated(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, token_major_out: bool = False,
+             cache: tuple | None = None) -> tuple[Tensor, Tensor]:
     """q and k rotated by their own kernel (the reference for what that kernel does not take); with
-    ``token_major_out`` the kernel writes them token-major ([B, S, H, D] in memory)."""
+    ``token_major_out`` the kernel writes them token-major ([B, S, H, D] in memory); ``cache``
+    (``rotary_triton``'s, only where the kernel takes q, k and it) also has k and v written into the caches."""
     if not rotary_supported(q, k, cos, sin):
         return rotary_reference(q, k, cos, sin)
     if not token_major_out:
-        return rotary_triton(q, k, cos, sin)
-    dtype = torch.promote_types(q.dtype, cos.dtype)
-    return rotary_triton(q, k, cos, sin, q_out=empty_token_major(*q.shape, like=q, dtype=dtype),
+        return rotary_triton(q, k, cos, sin, cache=cache)
+    return rotary_triton(q, k, cos, sin, cache=cache,
+                         q_out=empty_token_major(*q.shape, like=q, dtype=torch.promote_types(q.dtype, cos.dtype)),
                          k_out=empty_token_major(*k.shape, like=k, dtype=torch.promote_types(k.dtype, cos.dtype)))
 
 
@@ -561,15 +563,12 @@ def prompt_attention_cuda(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_ca
         if cos is not None:
             q, k = _rotated(q, k, cos, sin, token_major_out=True)
         return cached_attention_triton(q, k, v, k_cache, v_cache, positions, scale, window, token_major_out=True)
-    if cos is not None and rotary_supported(q, k, cos, sin) and rotary_cache_supported(k, v, k_cache, v_cache,
-                                                                                       positions):
-        # one kernel rotates q and k and writes k and v into the caches
-        q, k = rotary_triton(q, k, cos, sin, q_out=empty_token_major(*q.shape, like=q, dtype=dtype),
-                             k_out=empty_token_major(*k.shape, like=k, dtype=k_dtype),
-                             cache=(v, k_cache, v_cache, positions))
-    else:
-        if cos is not None:
-            q, k = _rotated(q, k, cos, sin, token_major_out=True)
+    cache = (v, k_cache, v_cache, positions)
+    # one kernel rotates q and k and writes k and v into the caches, where it takes them all
+    fused = cos is not None and rotary_supported(q, k, cos, sin) and rotary_cache_supported(k, *cache)
+    if cos is not None:
+        q, k = _rotated(q, k, cos, sin, token_major_out=True, cache=cache if fused else None)
+    if not fused:
         write_cache(k, v, k_cache, v_cache, positions)
     with sdpa_kernel(PROMPT_BACKENDS, set_priority=True):
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
